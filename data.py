@@ -1,0 +1,731 @@
+"""Datasets for object-centric learning: an embedded CLEVR-like scene generator and CLEVRTex/folder loaders.
+
+Everything ends up as `Scenes`: uint8 images (N,H,W,3) and uint8 instance masks (N,H,W) with 0 = background and
+ids 1..n contiguous per image. Training code only needs `load_split` and `get_batch`.
+
+    python data.py --preview out/preview.png [--data synthetic|PATH] [--split train] [--resolution 64] [--n 16]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+
+class InputError(ValueError):
+    """Bad user input; message names the problem and the fix."""
+
+
+@dataclass
+class Scenes:
+    images: np.ndarray  # (N, H, W, 3) uint8
+    masks: np.ndarray  # (N, H, W) uint8; 0 = background, 1..n objects (ids contiguous per image)
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Synthetic CLEVR-like scenes: textured spheres, cubes and cylinders on a textured floor in front of a textured wall.
+# Each object is ray-cast analytically over its screen bounding box only (that is what makes it fast), then the
+# objects are painted far-to-near with hard edges, so the instance mask is exactly what was drawn.
+
+GENERATOR_VERSION = 1  # bump whenever the rendered pixels change, so stale caches are not reused
+CAMERA_POS = np.array([0.0, 6.0, -9.5], np.float32)
+CAMERA_TARGET = np.array([0.0, 0.0, 1.2], np.float32)
+FIELD_OF_VIEW_DEG = 40.0
+WALL_Z = 9.0  # the back wall is the plane z = WALL_Z; the floor is y = 0
+TO_LIGHT = np.array([-0.55, 0.75, -0.4], np.float32) / np.linalg.norm([-0.55, 0.75, -0.4])
+AMBIENT, DIFFUSE = 0.38, 0.72
+PIXEL_NOISE = 0.012
+PLACE_X, PLACE_Z = (-3.4, 3.4), (-3.0, 4.2)  # where object centres may stand on the floor
+SIZE_RANGE = (0.42, 0.9)
+SHAPES = ("sphere", "cube", "cylinder")
+TEXTURES = ("checker", "stripes", "dots", "marble", "blotches")
+
+
+@dataclass
+class _Object:
+    shape: str
+    x: float
+    z: float
+    size: float  # sphere radius; other shapes derive their extents from it
+    yaw: float
+    colors: np.ndarray  # (2, 3) float32: the two colours its binary texture chooses between
+    texture: str
+    tex_freq: float
+    tex_dirs: np.ndarray  # (2, 3) random unit directions used by stripes/marble/blotches
+    tex_offset: np.ndarray  # (3,) random phase
+    shiny: bool
+
+    @property
+    def height(self) -> float:  # y of the centre: every object stands on the floor
+        return HEIGHT[self.shape] * self.size
+
+    @property
+    def footprint(self) -> float:  # radius of the floor disc it occupies (objects never intersect)
+        return FOOTPRINT[self.shape] * self.size
+
+    @property
+    def center(self) -> np.ndarray:
+        return np.array([self.x, self.height, self.z], np.float32)
+
+
+HEIGHT = {"sphere": 1.0, "cube": 0.8, "cylinder": 0.9}  # centre height / size
+FOOTPRINT = {"sphere": 1.0, "cube": 0.8 * 1.42, "cylinder": 0.85}  # floor radius / size (cube: half diagonal)
+
+
+@dataclass
+class _Grid:  # everything about the camera that depends on the resolution only
+    rays: np.ndarray  # (H, W, 3) unit ray directions through pixel centres
+    tan_half: float
+    to_camera: np.ndarray  # (3, 3) world offset -> (up, right, depth) coordinates
+    floor_xz: np.ndarray  # (F, 2) floor hit points of the floor samples of a 2x2 supersampled grid (anti-aliasing)
+    wall_xy: np.ndarray  # (M, 2) wall hit points of the wall samples of the same grid
+    is_wall: np.ndarray  # (2H, 2W) bool: the supersample hits the wall before the floor
+    plane_shade: np.ndarray  # (H, W) Lambert shading of the background, averaged over supersamples
+    pixel_floor_xz: np.ndarray  # (H, W, 2) floor hit point of each pixel centre (for shadows)
+
+
+def _camera_rays(size: int, forward, right, up, tan_half) -> np.ndarray:
+    centers = (np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1
+    u, v = centers[None, :], -centers[:, None]
+    rays = forward + (u[..., None] * right + v[..., None] * up) * tan_half
+    return (rays / np.linalg.norm(rays, axis=-1, keepdims=True)).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _grid(resolution: int) -> _Grid:
+    forward = CAMERA_TARGET - CAMERA_POS
+    forward /= np.linalg.norm(forward)
+    right = np.cross([0.0, 1.0, 0.0], forward)
+    right /= np.linalg.norm(right)
+    up = np.cross(forward, right)
+    tan_half = float(np.tan(np.radians(FIELD_OF_VIEW_DEG) / 2))
+    rays = _camera_rays(resolution, forward, right, up, tan_half)
+    ss = _camera_rays(2 * resolution, forward, right, up, tan_half)
+    with np.errstate(divide="ignore"):
+        t_floor = np.where(ss[..., 1] < 0, -CAMERA_POS[1] / ss[..., 1], np.inf)
+        t_wall = np.where(ss[..., 2] > 0, (WALL_Z - CAMERA_POS[2]) / ss[..., 2], np.inf)
+    is_wall = t_wall < t_floor
+    floor_pts = CAMERA_POS + np.where(np.isfinite(t_floor), t_floor, 0)[..., None] * ss
+    wall_pts = CAMERA_POS + np.where(np.isfinite(t_wall), t_wall, 0)[..., None] * ss
+    shade_floor = AMBIENT + DIFFUSE * max(TO_LIGHT[1], 0)
+    shade_wall = AMBIENT + DIFFUSE * max(-TO_LIGHT[2], 0)
+    # the far floor and wall fade a little: cheap depth cue that makes the horizon read as "far"
+    dist = np.minimum(t_floor, t_wall)
+    fade = np.clip(1.15 - dist / 60, 0.75, 1.0)
+    shade = np.where(is_wall, shade_wall, shade_floor) * fade
+    plane_shade = shade.reshape(resolution, 2, resolution, 2).mean((1, 3))
+    with np.errstate(divide="ignore"):
+        t_px = np.where(rays[..., 1] < 0, -CAMERA_POS[1] / rays[..., 1], 1e4)
+    pixel_floor = CAMERA_POS + t_px[..., None] * rays
+    return _Grid(rays, tan_half, np.stack([up, right, forward], 1).astype(np.float32),
+                 floor_pts[~is_wall][:, [0, 2]].astype(np.float32), wall_pts[is_wall][:, [0, 1]].astype(np.float32),
+                 is_wall, plane_shade.astype(np.float32), pixel_floor[..., [0, 2]].astype(np.float32))
+
+
+def _project(points: np.ndarray, grid: _Grid, resolution: int) -> np.ndarray:
+    """World points (..., 3) -> pixel coordinates (..., 2) as (row, col)."""
+    cam = (points - CAMERA_POS) @ grid.to_camera  # (..., 3): up, right, depth
+    return (0.5 - 0.5 * cam[..., :2] / (cam[..., 2:] * grid.tan_half) * np.float32([1, -1])) * resolution - 0.5
+
+
+def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
+    h, s, v = (np.asarray(a, np.float32) for a in (h, s, v))
+    k = (np.array([5.0, 3.0, 1.0], np.float32) + h[..., None] * 6) % 6
+    return v[..., None] - v[..., None] * s[..., None] * np.clip(np.minimum(k, 4 - k), 0, 1)
+
+
+def _pattern(kind: str, p: np.ndarray, dirs: np.ndarray) -> np.ndarray:
+    """Binary procedural texture on points p (..., 3) already scaled to texture units -> bool (...)."""
+    if kind == "checker":
+        return (np.floor(p).sum(-1).astype(np.int64) & 1).astype(bool)
+    if kind == "stripes":
+        return (p @ dirs[0]) % 1.0 < 0.5
+    if kind == "dots":
+        return (((p % 1.0) - 0.5) ** 2).sum(-1) < 0.1
+    if kind == "marble":
+        return np.sin(2 * np.pi * (p @ dirs[0]) + 2.5 * np.sin(4.4 * (p @ dirs[1]))) > 0.25
+    # blotches: a few interfering waves thresholded -> irregular patches
+    return np.sin(2.1 * p[..., 0]) * np.sin(2.3 * p[..., 1]) * np.sin(1.9 * p[..., 2]) \
+        + 0.45 * np.sin(5.0 * (p @ dirs[1])) > 0.12
+
+
+def _random_directions(rng: np.random.Generator) -> np.ndarray:
+    d = rng.normal(size=(2, 3)).astype(np.float32)
+    return d / np.linalg.norm(d, axis=-1, keepdims=True)
+
+
+def _sample_look(rng: np.random.Generator, hue: float, shape: str, x: float, z: float, size: float) -> _Object:
+    # saturated, fairly bright objects against a desaturated background: separable, but not flat colours
+    base = _hsv_to_rgb(hue, rng.uniform(0.5, 0.95), rng.uniform(0.6, 1.0))
+    second = _hsv_to_rgb((hue + rng.uniform(-0.08, 0.08)) % 1, rng.uniform(0.3, 1.0), rng.uniform(0.25, 0.55))
+    if rng.random() < 0.3:  # sometimes a light second tone instead of a dark one
+        second = base + (1 - base) * rng.uniform(0.45, 0.7)
+    return _Object(shape=shape, x=x, z=z, size=size, yaw=rng.uniform(0, np.pi / 2),
+                   colors=np.stack([base, second]).astype(np.float32), texture=TEXTURES[rng.integers(len(TEXTURES))],
+                   tex_freq=rng.uniform(2.0, 4.5), tex_dirs=_random_directions(rng),
+                   tex_offset=rng.uniform(0, 1, 3).astype(np.float32), shiny=bool(rng.random() < 0.4))
+
+
+BOX_CORNERS = np.float32([[dx, dy, dz] for dx in (-1, 1) for dy in (-1, 1) for dz in (-1, 1)])
+
+
+def _bbox(obj: _Object, grid: _Grid, resolution: int) -> tuple[int, int, int, int] | None:
+    # the object fits in a box of half-width footprint and height 2*height standing on the floor
+    corners = np.float32([obj.x, obj.height, obj.z]) + BOX_CORNERS * np.float32([obj.footprint, obj.height,
+                                                                                  obj.footprint])
+    rc = _project(corners, grid, resolution)
+    r0, c0 = np.floor(rc.min(0)).astype(int) - 1
+    r1, c1 = np.ceil(rc.max(0)).astype(int) + 2
+    r0, c0, r1, c1 = max(r0, 0), max(c0, 0), min(r1, resolution), min(c1, resolution)
+    return (r0, r1, c0, c1) if r0 < r1 and c0 < c1 else None
+
+
+def _rotate_y(v: np.ndarray, angle: float) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    return v @ np.float32([[c, 0, -s], [0, 1, 0], [s, 0, c]])
+
+
+def _intersect(obj: _Object, rays: np.ndarray):
+    """Ray-cast one object over the rays of its bounding box -> hit (h,w) bool, normals (m,3), local points (m,3)."""
+    origin = _rotate_y(CAMERA_POS - obj.center, -obj.yaw)  # object frame: centre at 0, yaw undone
+    d = _rotate_y(rays, -obj.yaw)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if obj.shape == "sphere":
+            b = d @ origin
+            disc = b * b - (origin @ origin - obj.size ** 2)
+            hit = disc > 0
+            t = -b[hit] - np.sqrt(disc[hit])
+            local = origin + t[:, None] * d[hit]
+            normal = local / obj.size
+        elif obj.shape == "cube":
+            half = obj.height
+            t1, t2 = (-half - origin) / d, (half - origin) / d
+            near = np.minimum(t1, t2)
+            t_near, t_far = near.max(-1), np.maximum(t1, t2).min(-1)
+            hit = (t_near < t_far) & (t_far > 0)
+            local = origin + t_near[hit][:, None] * d[hit]
+            axis = near[hit].argmax(-1)
+            normal = np.zeros_like(local)
+            normal[np.arange(len(axis)), axis] = -np.sign(d[hit][np.arange(len(axis)), axis])
+        else:  # cylinder standing upright: side wall or top cap, whichever the ray meets first
+            radius, half = obj.footprint, obj.height
+            a = d[..., 0] ** 2 + d[..., 2] ** 2
+            b = d[..., 0] * origin[0] + d[..., 2] * origin[2]
+            disc = b * b - a * (origin[0] ** 2 + origin[2] ** 2 - radius ** 2)
+            t_side = (-b - np.sqrt(np.maximum(disc, 0))) / a
+            side_ok = (disc > 0) & (np.abs(origin[1] + t_side * d[..., 1]) <= half)
+            t_top = (half - origin[1]) / d[..., 1]
+            top_x, top_z = origin[0] + t_top * d[..., 0], origin[2] + t_top * d[..., 2]
+            top_ok = (d[..., 1] < 0) & (top_x ** 2 + top_z ** 2 <= radius ** 2)
+            hit = side_ok | top_ok
+            use_top = top_ok[hit] & (~side_ok[hit] | (t_top[hit] < t_side[hit]))
+            t = np.where(use_top, t_top[hit], t_side[hit])
+            local = origin + t[:, None] * d[hit]
+            normal = np.where(use_top[:, None], np.float32([0, 1, 0]),
+                              local * np.float32([1, 0, 1]) / radius)
+    return hit, _rotate_y(normal, obj.yaw).astype(np.float32), local.astype(np.float32)
+
+
+def _place_objects(rng: np.random.Generator, count: int, placed: list[_Object], grid: _Grid,
+                   resolution: int) -> list[_Object]:
+    """Rejection-sample `count` more objects that do not touch each other and stand inside the picture."""
+    hue0 = rng.random()
+    for _ in range(60 * count):
+        if count == 0:
+            break
+        shape, x, z, size = SHAPES[rng.integers(len(SHAPES))], rng.uniform(*PLACE_X), rng.uniform(*PLACE_Z), \
+            rng.uniform(*SIZE_RANGE)
+        row, col = _project(np.float32([x, HEIGHT[shape] * size, z]), grid, resolution) / resolution
+        if not (0.06 < row < 0.94 and 0.06 < col < 0.94):
+            continue
+        if any(np.hypot(x - o.x, z - o.z) < FOOTPRINT[shape] * size + o.footprint + 0.1 for o in placed):
+            continue
+        placed.append(_sample_look(rng, (hue0 + 0.618034 * len(placed)) % 1, shape, x, z, size))  # distinct hues
+        count -= 1
+    return placed
+
+
+def _paint_ids(objects: list, hits: list, resolution: int) -> np.ndarray:
+    """Painter's algorithm on object indices only (objects already sorted far-to-near); -1 = background."""
+    painted = np.full((resolution, resolution), -1, np.int16)
+    for k, (box, hit) in enumerate(hits):
+        if box is not None:
+            r0, r1, c0, c1 = box
+            painted[r0:r1, c0:c1][hit] = k
+    return painted
+
+
+def _background(rng: np.random.Generator, grid: _Grid, objects: list[_Object], resolution: int):
+    """Textured floor + wall (anti-aliased by 2x2 supersampling) with soft blob shadows -> albedo, shade (H,W,*)."""
+    def plane_texture(coords, v_lo, v_hi):  # -> its two colours and which one each sample shows
+        hue = rng.random()
+        c1 = _hsv_to_rgb(hue, rng.uniform(0.05, 0.3), rng.uniform(v_lo, v_hi))
+        c2 = c1 * rng.uniform(0.55, 0.8) if rng.random() < 0.7 else c1 + (1 - c1) * rng.uniform(0.2, 0.35)
+        freq = rng.uniform(0.5, 1.3)
+        p = np.concatenate([coords * freq, np.full((len(coords), 1), 0.5, np.float32)], -1)
+        p = p + np.float32([rng.random(), rng.random(), 0])
+        chosen = _pattern(TEXTURES[rng.integers(len(TEXTURES))], p, _random_directions(rng) * [1, 1, 0])
+        return np.stack([c1, c2]), chosen
+
+    floor_colors, floor_choice = plane_texture(grid.floor_xz, 0.35, 0.65)
+    wall_colors, wall_choice = plane_texture(grid.wall_xy, 0.45, 0.75)
+    which = np.empty(grid.is_wall.shape, np.uint8)  # index into [floor1, floor2, wall1, wall2] per supersample
+    which[~grid.is_wall] = floor_choice
+    which[grid.is_wall] = 2 + wall_choice
+    samples = np.concatenate([floor_colors, wall_colors]).astype(np.float32)[which]
+    albedo = (samples[::2, ::2] + samples[1::2, ::2] + samples[::2, 1::2] + samples[1::2, 1::2]) * 0.25
+    shade = grid.plane_shade.copy()
+    shadow_dir = -TO_LIGHT[[0, 2]] / np.linalg.norm(TO_LIGHT[[0, 2]])
+    for obj in objects:  # a soft ellipse cast away from the light, stretched along the light direction
+        center = np.float32([obj.x, obj.z]) + shadow_dir * obj.height * np.linalg.norm(TO_LIGHT[[0, 2]]) / TO_LIGHT[1]
+        reach = 1.15 * 1.6 * obj.footprint
+        corners = np.float32([[center[0] + dx, 0, center[1] + dz] for dx in (-reach, reach) for dz in (-reach, reach)])
+        rc = _project(corners, grid, resolution)
+        r0, c0 = np.maximum(np.floor(rc.min(0)).astype(int), 0)
+        r1, c1 = np.minimum(np.ceil(rc.max(0)).astype(int) + 1, resolution)
+        rel = grid.pixel_floor_xz[r0:r1, c0:c1] - center
+        along = rel @ shadow_dir
+        across = rel @ np.float32([-shadow_dir[1], shadow_dir[0]])
+        dist = np.sqrt((along / 1.6) ** 2 + across ** 2) / obj.footprint
+        shade[r0:r1, c0:c1] *= 1 - 0.45 * np.clip((1.15 - dist) / 0.5, 0, 1)
+    return albedo, shade
+
+
+def render_scene(seed: int, resolution: int = 128, min_objects: int = 3, max_objects: int = 10,
+                 return_albedo: bool = False):
+    """One random scene -> image (H,W,3) uint8, mask (H,W) uint8 (0 = background, ids 1..n far-to-near).
+
+    With return_albedo=True also returns a dict for verifying the mask: "albedo" (H,W,3) base colour before shading
+    and noise, "colors" (n,2,3) each object's two texture colours, "silhouettes" (n,H,W) where each object would be
+    drawn if it were alone (id order)."""
+    if not 1 <= min_objects <= max_objects <= 255:
+        raise InputError(f"need 1 <= min_objects <= max_objects <= 255, got {min_objects}, {max_objects}; "
+                         f"fix the object-count settings")
+    rng = np.random.default_rng(seed)
+    grid = _grid(resolution)
+    min_area = max(6, int(0.0035 * resolution * resolution))  # smaller objects would be a few unreadable pixels
+    target = int(rng.integers(min_objects, max_objects + 1))
+    objects: list[_Object] = []
+    for _ in range(4):  # place, drop the (almost) hidden ones, top up; rarely needs a second round
+        objects = _place_objects(rng, target - len(objects), objects, grid, resolution)
+        objects.sort(key=lambda o: -float(np.linalg.norm(o.center - CAMERA_POS)))  # far to near
+        boxes = [_bbox(o, grid, resolution) for o in objects]
+        hits = [(b, *_intersect(o, grid.rays[b[0]:b[1], b[2]:b[3]])) if b else (None, None, None, None)
+                for o, b in zip(objects, boxes)]
+        while True:  # dropping an object only uncovers others, so iterate until every kept object is big enough
+            painted = _paint_ids(objects, [(h[0], h[1]) for h in hits], resolution)
+            area = np.bincount(painted.ravel() + 1, minlength=len(objects) + 1)[1:]
+            keep = [k for k in range(len(objects)) if area[k] >= min_area]
+            if len(keep) == len(objects):
+                break
+            objects, hits = [objects[k] for k in keep], [hits[k] for k in keep]
+        if len(objects) >= target:
+            break
+
+    albedo, shade = _background(rng, grid, objects, resolution)
+    image = albedo * shade[..., None]
+    for k, (obj, (box, hit, normal, local)) in enumerate(zip(objects, hits)):
+        r0, r1, c0, c1 = box
+        visible = painted[r0:r1, c0:c1] == k
+        keep = visible[hit]
+        normal, local = normal[keep], local[keep]
+        p = local * obj.tex_freq + obj.tex_offset
+        base = obj.colors[_pattern(obj.texture, p, obj.tex_dirs).astype(np.int64)]
+        lambert = AMBIENT + DIFFUSE * np.clip(normal @ TO_LIGHT, 0, None)
+        color = base * lambert[:, None]
+        if obj.shiny:  # Blinn-Phong highlight: metal-like objects as in CLEVR
+            view = -grid.rays[r0:r1, c0:c1][visible]
+            half = view + TO_LIGHT
+            half /= np.linalg.norm(half, axis=-1, keepdims=True)
+            color = color + 0.6 * np.clip((normal * half).sum(-1), 0, 1)[:, None] ** 40
+        image[r0:r1, c0:c1][visible] = color
+        albedo[r0:r1, c0:c1][visible] = base
+    image = image + PIXEL_NOISE * rng.standard_normal(image.shape, np.float32)
+    image = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+    mask = (painted + 1).astype(np.uint8)  # painter index k -> id k+1: contiguous because hidden objects were dropped
+    if not return_albedo:
+        return image, mask
+    silhouettes = np.zeros((len(objects), resolution, resolution), bool)
+    for k, (box, hit, _, _) in enumerate(hits):
+        silhouettes[k, box[0]:box[1], box[2]:box[3]] = hit
+    colors = np.stack([o.colors for o in objects]) if objects else np.zeros((0, 2, 3), np.float32)
+    return image, mask, {"albedo": albedo, "colors": colors, "silhouettes": silhouettes}
+
+
+def _run_chunks(make_pair, jobs: list, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    """Apply make_pair(*job) -> (image, mask) to every job, in order, with a progress bar; two processes for big
+    jobs (results do not depend on the process: every scene has its own seed or file)."""
+    chunks = [(make_pair, jobs[i:i + 64]) for i in range(0, len(jobs), 64)]
+    parallel = len(jobs) >= 256 and (os.cpu_count() or 1) > 1 and "fork" in multiprocessing.get_all_start_methods()
+    images, masks = [], []
+    with tqdm(total=len(jobs), desc=desc, unit="img", disable=len(jobs) < 64) as bar:
+        with multiprocessing.get_context("fork").Pool(2) if parallel else contextlib.nullcontext() as pool:
+            for image_chunk, mask_chunk in (pool.imap if parallel else map)(_run_chunk, chunks):
+                images.append(image_chunk), masks.append(mask_chunk), bar.update(len(image_chunk))
+    return np.concatenate(images), np.concatenate(masks)
+
+
+def _run_chunk(chunk: tuple) -> tuple[np.ndarray, np.ndarray]:
+    make_pair, jobs = chunk
+    pairs = [make_pair(*job) for job in jobs]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+def _atomic_save(folder: Path, **arrays: np.ndarray) -> None:
+    """Write arrays into a temp folder next to `folder`, then rename: readers never see half a cache."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    for name, array in arrays.items():
+        np.save(tmp / f"{name}.npy", array)
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process finished the same cache first; theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_cached(folder: Path, name: str) -> Scenes | None:
+    if not (folder / "masks.npy").exists():
+        return None
+    return Scenes(np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "masks.npy", mmap_mode="r"), name)
+
+
+def synthetic_scenes(n: int, resolution: int, seed: int, cache_dir: str = ".cache", min_objects: int = 3,
+                     max_objects: int = 10) -> Scenes:
+    """n scenes, scene i rendered from seed `seed + i`; cached on disk under a hash of all generator settings."""
+    if n < 1 or resolution < 16:
+        raise InputError(f"need n >= 1 and resolution >= 16, got n={n}, resolution={resolution}")
+    settings = dict(version=GENERATOR_VERSION, n=n, resolution=resolution, seed=seed, min_objects=min_objects,
+                    max_objects=max_objects)
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    folder = Path(cache_dir) / "synthetic" / key
+    name = f"synthetic-{resolution}-seed{seed}-n{n}"
+    if (cached := _load_cached(folder, name)) is not None:
+        return cached
+    jobs = [(seed + i, resolution, min_objects, max_objects) for i in range(n)]
+    images, masks = _run_chunks(render_scene, jobs, f"rendering {name}")
+    _atomic_save(folder, images=images, masks=masks)
+    return _load_cached(folder, name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Real datasets on disk. Three layouts are auto-detected; all are centre-cropped and resized to a square resolution.
+
+LAYOUTS_HELP = """accepted dataset layouts:
+  course CLEVRTex subset:   ROOT/images/{train,val}/CLEVRTEX_full_000123.png   (RGBA or RGB)
+                            ROOT/masks/{train,val}/<same name or number>.png    (colour per object, black = background)
+  official CLEVRTex:        ROOT/<k>/CLEVRTEX_<variant>_000123.png  + ROOT/<k>/CLEVRTEX_<variant>_000123_flat.png
+                            (split by index: test 0-10%, val 10-20%, train 20-100%)
+  generic folder:           ROOT/{train,val,test}/images/<name>.png|.jpg
+                            ROOT/{train,val,test}/masks/<name>.png   (integer ids with 0 = background, or colours)
+or pass --data synthetic for the built-in generator"""
+LOADER_VERSION = 1
+CLEVRTEX_CROP = 192  # SlotDiffusion's CLEVRTex preprocessing: centre crop 192x192 of the 320x240 render, then resize
+SPLITS = ("train", "val", "test")
+SYNTHETIC_SPLITS = {"train": (0, 5000), "val": (10_000_000, 500), "test": (20_000_000, 500)}  # seed base, default n
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _number(stem: str) -> str | None:
+    digits = re.findall(r"\d+", stem)
+    return str(int(digits[-1])) if digits else None
+
+
+def _pair_course(image_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
+    images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    masks = sorted(p for p in mask_dir.iterdir() if p.suffix.lower() == ".png")
+    by_stem = {p.stem: p for p in masks}
+    if all(p.stem in by_stem for p in images):
+        return [(p, by_stem[p.stem]) for p in images]
+    by_number = {_number(p.stem): p for p in masks}
+    if len(by_number) == len(masks) and all(_number(p.stem) in by_number for p in images):
+        return [(p, by_number[_number(p.stem)]) for p in images]
+    if len(images) != len(masks):
+        raise InputError(f"{image_dir} has {len(images)} images but {mask_dir} has {len(masks)} masks and their "
+                         f"names do not match; give every image a mask with the same file name")
+    warnings.warn(f"mask names in {mask_dir} do not match image names in {image_dir}; pairing them in sorted order "
+                  f"(rename the masks to the image names to be safe)", stacklevel=3)
+    return list(zip(images, masks))
+
+
+def _pairs_official(root: Path, split: str) -> list[tuple[Path, Path]]:
+    images = [p for p in root.glob("*/CLEVRTEX_*.png") if re.fullmatch(r"CLEVRTEX_.+_\d+", p.stem)]
+    images.sort(key=lambda p: int(_number(p.stem)))
+    n = len(images)
+    lo, hi = {"test": (0, n // 10), "val": (n // 10, n // 5), "train": (n // 5, n)}[split]
+    pairs = []
+    for image in images[lo:hi]:
+        mask = image.with_name(image.stem + "_flat.png")
+        if not mask.exists():
+            raise InputError(f"image {image} has no mask {mask.name}; restore the official *_flat.png masks")
+        pairs.append((image, mask))
+    return pairs
+
+
+def _pairs_generic(split_dir: Path) -> list[tuple[Path, Path]]:
+    image_dir, mask_dir = split_dir / "images", split_dir / "masks"
+    if not mask_dir.is_dir():
+        raise InputError(f"{split_dir} has images/ but no masks/ folder; add {mask_dir} with one mask per image")
+    pairs = []
+    for image in sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        mask = mask_dir / (image.stem + ".png")
+        if not mask.exists():
+            raise InputError(f"image {image} has no mask {mask}; add it (same file name, .png)")
+        pairs.append((image, mask))
+    return pairs
+
+
+def _find_pairs(root: Path, split: str) -> tuple[str, list[tuple[Path, Path]]]:
+    if not root.exists():
+        raise InputError(f"dataset path {root} does not exist; pass --data synthetic or an existing folder\n"
+                         + LAYOUTS_HELP)
+    if split not in SPLITS:
+        raise InputError(f"unknown split {split!r}; use train, val or test")
+    if (root / "images").is_dir() and (root / "masks").is_dir():
+        image_dir, mask_dir = root / "images" / split, root / "masks" / split
+        for folder in (image_dir, mask_dir):
+            if not folder.is_dir():
+                raise InputError(f"split folder {folder} does not exist (course CLEVRTex layout); "
+                                 f"use one of: {sorted(p.name for p in (root / 'images').iterdir() if p.is_dir())}")
+        return "course", _pair_course(image_dir, mask_dir)
+    if next(root.glob("*/CLEVRTEX_*_flat.png"), None) is not None:
+        return "official", _pairs_official(root, split)
+    if any((root / s / "images").is_dir() for s in SPLITS):
+        if not (root / split / "images").is_dir():
+            raise InputError(f"split folder {root / split / 'images'} does not exist (generic layout); "
+                             f"create it or choose another split")
+        return "generic", _pairs_generic(root / split)
+    raise InputError(f"{root} matches no known dataset layout\n" + LAYOUTS_HELP)
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        image = Image.open(path)
+        image.load()
+        return image
+    except Exception as e:  # PIL raises many types for truncated/corrupt files
+        raise InputError(f"cannot read image file {path} ({type(e).__name__}: {e}); replace or delete it") from None
+
+
+def _crop_box(width: int, height: int, crop: int | None) -> tuple[int, int, int, int]:
+    side = min(width, height) if crop is None else min(crop, width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+def _mask_to_ids(mask: Image.Image, path: Path) -> np.ndarray:
+    """Any mask image -> contiguous ids 0..n (0 = background: value 0 or black)."""
+    if mask.mode in ("RGB", "RGBA"):
+        rgb = np.asarray(mask.convert("RGB"), np.int64)
+        values = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    elif mask.mode in ("L", "P", "I", "I;16"):  # integer ids (for P: the palette index is the id)
+        values = np.asarray(mask).astype(np.int64)
+    else:  # e.g. LA or 1-bit
+        values = np.asarray(mask.convert("L")).astype(np.int64)
+    uniques, ids = np.unique(values, return_inverse=True)
+    ids = ids.reshape(values.shape) + (0 if uniques[0] == 0 else 1)  # black/0 sorts first and becomes background
+    if ids.max() > 255:
+        raise InputError(f"mask {path} has {ids.max()} distinct objects (> 255 is not supported); "
+                         f"check it is an instance mask, not a photo or a JPEG-compressed mask")
+    return ids.astype(np.uint8)
+
+
+def _load_pair(image_path: Path, mask_path: Path, resolution: int, crop: int | None) -> tuple[np.ndarray, np.ndarray]:
+    image, mask = _open(image_path), _open(mask_path)
+    if image.size != mask.size:
+        raise InputError(f"mask {mask_path} is {mask.size[0]}x{mask.size[1]} but image {image_path} is "
+                         f"{image.size[0]}x{image.size[1]}; masks must have the size of their image")
+    box = _crop_box(*image.size, crop)
+    image = image.convert("RGB").crop(box).resize((resolution, resolution), Image.BILINEAR)
+    # nearest keeps ids (and palette indices of mode-P masks) exact; ids are numbered after the crop so that objects
+    # cut away by it leave no gaps
+    mask = mask.crop(box).resize((resolution, resolution), Image.NEAREST)
+    return np.asarray(image), _mask_to_ids(mask, mask_path)
+
+
+def _load_folder(root: Path, split: str, resolution: int, limit: int | None, cache_dir: str) -> Scenes:
+    layout, pairs = _find_pairs(root, split)
+    if not pairs:
+        raise InputError(f"split {split!r} of {root} ({layout} layout) contains no images; add images or pick "
+                         f"another split")
+    pairs = pairs[:limit] if limit else pairs
+    stats = [(p.stat().st_size, p.stat().st_mtime_ns) for pair in pairs for p in pair]
+    key_data = dict(version=LOADER_VERSION, root=str(root.resolve()), split=split, resolution=resolution,
+                    limit=limit, files=len(stats), bytes=sum(s for s, _ in stats), mtime=max(m for _, m in stats))
+    key = hashlib.sha1(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]
+    folder, name = Path(cache_dir) / "real" / key, f"{root}:{split}"
+    if (cached := _load_cached(folder, name)) is not None:
+        return cached
+    crop = None if layout == "generic" else CLEVRTEX_CROP
+    images, masks = _run_chunks(_load_pair, [(*pair, resolution, crop) for pair in pairs], f"decoding {name}")
+    _atomic_save(folder, images=images, masks=masks)
+    return _load_cached(folder, name)
+
+
+def load_split(data: str, split: str, resolution: int, limit: int | None = None, cache_dir: str = ".cache") -> Scenes:
+    """data = "synthetic" or a dataset folder (layout auto-detected); split in train/val/test."""
+    if limit is not None and limit < 1:
+        raise InputError(f"limit must be >= 1 (or None for everything), got {limit}")
+    if data == "synthetic":
+        if split not in SYNTHETIC_SPLITS:
+            raise InputError(f"unknown split {split!r}; use train, val or test")
+        seed, default_n = SYNTHETIC_SPLITS[split]
+        n = limit or default_n
+        if n > 10_000_000:
+            raise InputError(f"limit {n} is too large: split seeds are 10,000,000 apart; use a smaller --limit")
+        scenes = synthetic_scenes(n, resolution, seed, cache_dir)
+        scenes.name = f"synthetic-{resolution}-{split}"
+        return scenes
+    return _load_folder(Path(data), split, resolution, limit, cache_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches: uint8 stays in (mapped) host memory; conversion to float happens on the target device.
+
+def _to_device(scenes: Scenes, index: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.from_numpy(np.asarray(scenes.images[index])).to(device, non_blocking=True)  # fancy index = copy
+    masks = torch.from_numpy(np.asarray(scenes.masks[index])).to(device, non_blocking=True)
+    return images.permute(0, 3, 1, 2).contiguous().float().div_(255), masks.long()
+
+
+def get_batch(scenes: Scenes, step: int, batch_size: int, seed: int, device, rank: int = 0,
+              world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch `step` of an endless stream of shuffled epochs; a pure function of (seed, step) -> exact resume.
+
+    Sample k of the global stream is permutation(seed, epoch=k // N)[k % N]; rank r takes the r-th slice of the
+    global batch, so ranks never overlap and each epoch visits every scene exactly once."""
+    n = len(scenes)
+    first = (step * world_size + rank) * batch_size
+    positions = np.arange(first, first + batch_size)
+    epochs = positions // n
+    index = np.empty(batch_size, np.int64)
+    for epoch in np.unique(epochs):
+        perm = np.random.default_rng([seed, int(epoch)]).permutation(n)
+        index[epochs == epoch] = perm[positions[epochs == epoch] % n]
+    return _to_device(scenes, index, device)
+
+
+def iterate_batches(scenes: Scenes, batch_size: int, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """All scenes in order (last batch may be smaller), for evaluation."""
+    for start in range(0, len(scenes), batch_size):
+        yield _to_device(scenes, np.arange(start, min(start + batch_size, len(scenes))), device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Visualisation
+
+def _make_palette() -> np.ndarray:
+    fixed = [(40, 40, 40), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+             (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
+             (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0),
+             (255, 215, 180), (0, 0, 128), (128, 128, 128), (255, 255, 255)]
+    rest = _hsv_to_rgb((np.arange(256 - len(fixed)) * 0.618034) % 1, np.full(256 - len(fixed), 0.75),
+                       0.6 + 0.4 * (np.arange(256 - len(fixed)) % 3) / 2)
+    return np.concatenate([np.array(fixed, np.uint8), (rest * 255).astype(np.uint8)])
+
+
+PALETTE = _make_palette()  # id 0 (background) is dark grey, then 21 hand-picked distinct colours
+
+
+def colorize_masks(masks: np.ndarray | torch.Tensor) -> np.ndarray:
+    """(..., H, W) integer ids -> (..., H, W, 3) uint8 colours from a fixed palette."""
+    if isinstance(masks, torch.Tensor):
+        masks = masks.detach().cpu().numpy()
+    return PALETTE[np.asarray(masks).astype(np.int64) % len(PALETTE)]
+
+
+def save_grid(images: np.ndarray, path: str, nrow: int, labels: list[str] | None = None) -> None:
+    """(N,H,W,3) uint8 -> PNG grid with nrow images per row. Small images are upscaled (nearest) to >= 96 px.
+    labels: one per column (len == nrow, drawn on top) or one per row (drawn on the left)."""
+    images = np.asarray(images)
+    n, h, w = images.shape[:3]
+    ncol, rows = nrow, -(-n // nrow)
+    scale = max(1, 96 // h)
+    h, w = h * scale, w * scale
+    column_labels = labels if labels is not None and len(labels) == ncol else None
+    row_labels = labels if labels is not None and column_labels is None and len(labels) == rows else None
+    if labels is not None and column_labels is None and row_labels is None:
+        raise InputError(f"save_grid got {len(labels)} labels for {ncol} columns and {rows} rows; give one per "
+                         f"column or one per row")
+    font = ImageFont.load_default(size=12)
+    gap, top = 2, (16 if column_labels else 0)
+    left = 8 + 7 * max(map(len, row_labels)) if row_labels else 0
+    canvas = Image.new("RGB", (left + ncol * (w + gap) + gap, top + rows * (h + gap) + gap), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, image in enumerate(images):
+        tile = Image.fromarray(image).resize((w, h), Image.NEAREST)
+        canvas.paste(tile, (left + gap + (i % ncol) * (w + gap), top + gap + (i // ncol) * (h + gap)))
+    for c, text in enumerate(column_labels or []):
+        draw.text((left + gap + c * (w + gap) + 2, 2), text, fill=(0, 0, 0), font=font)
+    for r, text in enumerate(row_labels or []):
+        draw.text((4, top + gap + r * (h + gap) + h // 2 - 6), text, fill=(0, 0, 0), font=font)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Load or generate a dataset split, print stats, save a preview.")
+    parser.add_argument("--preview", default="out/preview.png", help="where to write the preview grid")
+    parser.add_argument("--data", default="synthetic", help="'synthetic' or a dataset folder")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--n", type=int, default=16, help="scenes to preview (synthetic: scenes to generate)")
+    parser.add_argument("--limit", type=int, default=None, help="real data: load at most this many scenes")
+    parser.add_argument("--cache-dir", default=".cache")
+    args = parser.parse_args(argv)
+    try:
+        if args.n < 1:
+            raise InputError(f"--n must be >= 1, got {args.n}")
+        if args.data == "synthetic":
+            seed = SYNTHETIC_SPLITS.get(args.split, (0, 0))[0]
+            start = time.perf_counter()
+            for i in range(min(args.n, 32)):  # uncached timing on this process's single core
+                render_scene(seed + i, args.resolution)
+            speed = min(args.n, 32) / (time.perf_counter() - start)
+            print(f"generator speed: {speed:.0f} images/s at {args.resolution}x{args.resolution} "
+                  f"(one process, wall clock)")
+        scenes = load_split(args.data, args.split, args.resolution, args.n if args.data == "synthetic" else
+                            args.limit, args.cache_dir)
+        counts = np.array([int(m.max()) for m in scenes.masks])
+        print(f"{scenes.name}: {len(scenes)} scenes at {args.resolution}x{args.resolution}; objects per scene "
+              f"mean {counts.mean():.2f} min {counts.min()} max {counts.max()}; cache under {args.cache_dir}/")
+        shown = min(args.n, len(scenes))
+        per_row = min(8, shown)
+        rows = []
+        for start in range(0, shown, per_row):  # row pairs: images, then their masks
+            chunk = np.arange(start, min(start + per_row, shown))
+            pad = np.zeros((per_row - len(chunk), args.resolution, args.resolution, 3), np.uint8)
+            rows += [np.concatenate([scenes.images[chunk], pad]), np.concatenate([colorize_masks(scenes.masks[chunk]),
+                                                                                  pad])]
+        save_grid(np.concatenate(rows), args.preview, per_row, ["image", "mask"] * (len(rows) // 2))
+        print(f"wrote {args.preview}")
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
