@@ -1,0 +1,80 @@
+"""trainlib.py: schedules, atomic checkpoints, RNG capture, metrics log truncation on resume, Ctrl-C handling."""
+import os
+import signal
+
+import pytest
+import torch
+
+import trainlib
+from data import InputError
+
+
+def test_warmup_cosine_endpoints_and_monotone_decay():
+    lrs = [trainlib.lr_warmup_cosine(s, 1.0, warmup=10, total=110, min_ratio=0.1) for s in range(120)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:10]))           # warm-up rises
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))            # then decays
+    assert lrs[60] == pytest.approx(0.55)                              # half way: (1 + 0.1) / 2
+    assert lrs[110] == pytest.approx(0.1) and lrs[119] == pytest.approx(0.1)
+
+
+def test_step_decay_halves_every_period_after_warmup():
+    f = lambda s: trainlib.lr_warmup_step_decay(s, 4e-4, warmup=100, decay_every=1000, decay_rate=0.5)
+    assert f(0) == pytest.approx(4e-4 / 100 * 0.5 ** (0 / 1000))
+    assert f(1000) == pytest.approx(2e-4) and f(2000) == pytest.approx(1e-4)
+
+
+def test_checkpoint_is_atomic_and_round_trips(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    trainlib.save_checkpoint({"w": torch.arange(3)}, path)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(RuntimeError):
+        trainlib.save_checkpoint({"w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(trainlib.load_checkpoint(path)["w"], torch.arange(3))   # old file intact
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]                 # no temp file left behind
+
+
+def test_missing_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        trainlib.load_checkpoint(tmp_path / "nope.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="unreadable"):
+        trainlib.load_checkpoint(bad)
+
+
+def test_rng_state_restores_all_generators():
+    state = trainlib.rng_state()
+    a = (torch.rand(3), __import__("numpy").random.rand(), __import__("random").random())
+    trainlib.set_rng_state(state)
+    b = (torch.rand(3), __import__("numpy").random.rand(), __import__("random").random())
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def test_metrics_log_drops_records_after_resume_step(tmp_path):
+    log = trainlib.MetricsLog(tmp_path / "m.jsonl")
+    for s in range(1, 6):
+        log.log(step=s, train_loss=float(s))
+    resumed = trainlib.MetricsLog(tmp_path / "m.jsonl", resume_step=3)
+    assert [r["step"] for r in resumed.records()] == [1, 2, 3]
+    fresh = trainlib.MetricsLog(tmp_path / "m.jsonl")
+    assert fresh.records() == []
+
+
+def test_first_ctrl_c_only_requests_a_stop():
+    with trainlib.StopOnInterrupt() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_loss_curve_plot_is_written(tmp_path):
+    records = [{"step": s, "train_loss": 1 / s} for s in range(1, 20)] + [{"step": 10, "val_loss": 0.2}]
+    trainlib.plot_loss_curves(records, tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 1000
