@@ -1,0 +1,536 @@
+"""VQ-VAE: the frozen image autoencoder whose latent space SlotDiffusion denoises in.
+
+The architecture is the taming-transformers / latent-diffusion Encoder/Decoder that SlotDiffusion uses for
+CLEVRTex (ch 64, ch_mult (1,2,4), 2 res blocks, single-head attention in the mid block, 3 latent channels,
+4096-entry codebook), so the course's `vae_checkpoint.pth` loads into `VQVAE` key for key.
+
+    encode:  image in [-1,1] -> Encoder -> quant_conv -> z (pre-quantisation, what SlotDiffusion diffuses)
+    decode:  z -> nearest codebook entry -> post_quant_conv -> Decoder -> image (roughly [-1,1], not clamped)
+
+Run as a script it trains a VQ-VAE on a dataset (see `main` at the bottom):
+    python vae.py --data synthetic --preset cpu --out runs/vae
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import trainlib
+from data import InputError
+
+
+@dataclass
+class VAEConfig:
+    ch: int = 64                          # width of the first level; level i has ch * ch_mult[i] channels
+    ch_mult: tuple[int, ...] = (1, 2, 4)  # one level per entry; each level but the last halves the resolution
+    num_res_blocks: int = 2               # per encoder level (the decoder has one more, as in taming)
+    in_channels: int = 3                  # RGB in and out
+    z_channels: int = 3                   # encoder output / decoder input channels
+    embed_dim: int = 3                    # codebook vector size (= latent channels SlotDiffusion sees)
+    n_embed: int = 4096                   # codebook entries
+    beta: float = 0.25                    # commitment loss weight (van den Oord et al. 2017)
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+def Normalize(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# building blocks
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.norm1 = Normalize(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = Normalize(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        # a 1x1 projection only where the width changes, so the residual can be added
+        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        shortcut = x if self.nin_shortcut is None else self.nin_shortcut(x)
+        return shortcut + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all positions of the feature map."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = Normalize(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (conv(h).flatten(2).transpose(1, 2) for conv in (self.q, self.k, self.v))  # (B, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(C), as in taming
+        h = h.transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # pad right/bottom only: a stride-2 3x3 conv then maps H exactly to H/2 (taming's convention)
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class MidBlock(nn.Module):
+    """ResNet block, attention, ResNet block at the lowest resolution (the only attention in the model)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels)
+        self.attn_1 = AttnBlock(channels)
+        self.block_2 = ResnetBlock(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Level(nn.Module):
+    """One resolution level: a stack of ResNet blocks, then an optional resampler. A container so the
+    state-dict keys read `down.0.block.1...` / `up.2.upsample...` exactly like the course checkpoint."""
+
+    def __init__(self, blocks: list[nn.Module], resample_name: str | None = None, resample: nn.Module | None = None):
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        self.resample_name = resample_name
+        if resample_name is not None:
+            self.add_module(resample_name, resample)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.block:
+            x = block(x)
+        return x if self.resample_name is None else getattr(self, self.resample_name)(x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# encoder, decoder, quantiser
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        in_ch = cfg.ch
+        for i, out_ch in enumerate(widths):
+            blocks = [ResnetBlock(in_ch if j == 0 else out_ch, out_ch) for j in range(cfg.num_res_blocks)]
+            last = i == len(widths) - 1
+            self.down.append(Level(blocks, None if last else "downsample", None if last else Downsample(out_ch)))
+            in_ch = out_ch
+        self.mid = MidBlock(in_ch)
+        self.norm_out = Normalize(in_ch)
+        self.conv_out = nn.Conv2d(in_ch, cfg.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        in_ch = widths[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, in_ch, 3, padding=1)
+        self.mid = MidBlock(in_ch)
+        # built from the lowest resolution up, but stored so that up[i] mirrors encoder level down[i]
+        levels = []
+        for i in reversed(range(len(widths))):
+            out_ch = widths[i]
+            blocks = [ResnetBlock(in_ch if j == 0 else out_ch, out_ch) for j in range(cfg.num_res_blocks + 1)]
+            levels.insert(0, Level(blocks, "upsample" if i > 0 else None, Upsample(out_ch) if i > 0 else None))
+            in_ch = out_ch
+        self.up = nn.ModuleList(levels)
+        self.norm_out = Normalize(in_ch)
+        self.conv_out = nn.Conv2d(in_ch, cfg.in_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class VectorQuantizer(nn.Module):
+    def __init__(self, n_embed: int, embed_dim: int):
+        super().__init__()
+        self.embedding = nn.Embedding(n_embed, embed_dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / n_embed, 1.0 / n_embed)
+
+    @torch.no_grad()
+    def nearest(self, z: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+        """Indices of the nearest codebook rows for z (N, D). Always fp32 (bf16 distances pick wrong codes),
+        ||z||^2 - 2 z.e + ||e||^2 as one matmul per chunk so (N, n_embed) never has to fit in memory at once."""
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            codes = self.embedding.weight.float()
+            codes_sq = (codes * codes).sum(1)
+            out = []
+            for zc in z.float().split(chunk):
+                dist = torch.addmm(codes_sq, zc, codes.t(), alpha=-2.0) + (zc * zc).sum(1, keepdim=True)
+                out.append(dist.argmin(1))
+            return torch.cat(out)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z (B, D, h, w) -> codebook vectors (B, D, h, w) float32 and their indices (B, h, w)."""
+        B, D, h, w = z.shape
+        indices = self.nearest(z.permute(0, 2, 3, 1).reshape(-1, D)).view(B, h, w)
+        z_q = self.embedding(indices).permute(0, 3, 1, 2)
+        return z_q, indices
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the model
+
+class VQVAE(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quantize = VectorQuantizer(cfg.n_embed, cfg.embed_dim)  # vae.quantize(z) -> (z_q, indices)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        f = self.cfg.downsample
+        if images.ndim != 4 or images.shape[1] != self.cfg.in_channels or images.shape[2] % f or images.shape[3] % f:
+            raise InputError(f"VAE input has shape {tuple(images.shape)}; expected (B, {self.cfg.in_channels}, H, W) "
+                             f"with H and W divisible by {f}: resize the images (e.g. --resolution 64 or 128)")
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B,3,H,W) in [-1,1] -> pre-quantisation latents (B, embed_dim, H/f, W/f)."""
+        self._check_images(images)
+        return self.quant_conv(self.encoder(images))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """latents (B, embed_dim, h, w) -> images in about [-1,1] (unclamped, like the reference). Quantises
+        first, so diffusion samples (which are never exactly on the codebook) decode like real latents."""
+        z_q, _ = self.quantize(z)
+        return self.decoder(self.post_quant_conv(z_q))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training pass -> (reconstruction, codebook loss, beta * commitment loss, indices (B,h,w)).
+        The codebook loss pulls codes towards encoder outputs; the commitment loss keeps the encoder near its
+        codes. Gradients reach the encoder through the straight-through estimator."""
+        z = self.encode(images).float()
+        z_q, indices = self.quantize(z)
+        codebook_loss = F.mse_loss(z_q, z.detach())
+        commitment_loss = self.cfg.beta * F.mse_loss(z, z_q.detach())
+        z_st = z + (z_q - z).detach()  # forward: z_q; backward: identity to z
+        recon = self.decoder(self.post_quant_conv(z_st))
+        return recon, codebook_loss, commitment_loss, indices
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loading checkpoints and caching latents
+
+def _check_state_dict(model: VQVAE, state: dict, path: Path) -> None:
+    """One InputError that lists what differs, instead of load_state_dict's wall of text."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise InputError(
+            f"{path} is not a VQ-VAE checkpoint of this architecture: {len(missing)} missing keys "
+            f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}; pass the course's "
+            f"vae_checkpoint.pth or a checkpoint written by `python vae.py`")
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+             for k, v in expected.items() if state[k].shape != v.shape]
+    if wrong:
+        raise InputError(f"{path} has {len(wrong)} tensors of the wrong shape for config {model.cfg} (first: "
+                         f"{wrong[:3]}); checkpoints without a 'config' entry must use the default VAEConfig")
+
+
+def load_vae(path: str | Path, map_location="cpu") -> VQVAE:
+    """Load the course's vae_checkpoint.pth (a raw state dict, default VAEConfig) or a checkpoint written by
+    this script ({"model": state_dict, "config": asdict(VAEConfig), ...}). Returns the model in eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"VAE checkpoint {path} does not exist: train one with `python vae.py --preset cpu --out "
+                         f"runs/vae` (writes runs/vae/ckpt.pt) or pass the course's vae_checkpoint.pth")
+    ckpt = trainlib.load_checkpoint(path, map_location)
+    if not isinstance(ckpt, dict):
+        raise InputError(f"{path} holds a {type(ckpt).__name__}, not a state dict; pass the course's "
+                         f"vae_checkpoint.pth or a checkpoint written by `python vae.py`")
+    if "model" in ckpt and "config" in ckpt:
+        foreign = set(ckpt["config"]) - {f.name for f in fields(VAEConfig)}
+        if foreign:
+            raise InputError(f"{path} was written for another model (its config has {sorted(foreign)[:5]}); "
+                             f"pass a checkpoint written by `python vae.py` or the course's vae_checkpoint.pth")
+        cfg = VAEConfig(**{**ckpt["config"], "ch_mult": tuple(ckpt["config"]["ch_mult"])})
+        state = ckpt["model"]
+    else:
+        cfg, state = VAEConfig(), ckpt
+    model = VQVAE(cfg)
+    _check_state_dict(model, state, path)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+@torch.no_grad()
+def encode_scenes(vae: VQVAE, scenes: data.Scenes, batch_size: int, device) -> torch.Tensor:
+    """Latents (N, embed_dim, H/f, W/f) float32 on the CPU, in the order of `scenes`. SlotDiffusion trains on
+    this cache: the VAE is frozen and there is no augmentation, so encoding every image once replaces
+    re-encoding every batch (~12% of a reference training step). Moves `vae` to `device`; runs in fp32."""
+    vae.to(device)
+    batches = data.iterate_batches(scenes, batch_size, device)
+    latents = [vae.encode(images * 2 - 1).float().cpu()
+               for images, _ in tqdm(batches, total=math.ceil(len(scenes) / batch_size), unit="batch",
+                                     desc=f"encoding {scenes.name}", dynamic_ncols=True)]
+    return torch.cat(latents)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training: the VQ-VAE is trained once per dataset, before (and separately from) SlotDiffusion
+
+PRESETS = {
+    # the course checkpoint's architecture at 128x128 (our training settings; the paper's VAE also used
+    # perceptual and GAN losses, which need pretrained networks this project does not download)
+    "paper": dict(resolution=128, ch=64, ch_mult=(1, 2, 4), num_res_blocks=2, n_embed=4096,
+                  batch_size=32, steps=50_000, lr=2e-4, warmup=1000),
+    # a usable VAE on a 2-core CPU in a few minutes (~3.3 GFLOP per image per step, 1/56 of "paper"): half the
+    # width (GroupNorm needs multiples of 32), narrower deep levels, one block per level, 64x64 -> 16x16 latents,
+    # and a codebook small enough that a few thousand scenes keep all of it in use
+    "cpu": dict(resolution=64, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, n_embed=512,
+                batch_size=16, steps=800, lr=1e-3, warmup=100),
+}
+
+
+def vae_loss(model: VQVAE, images: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
+    """images in [-1,1] -> (loss, its parts as floats, reconstruction, code indices). The reconstruction
+    term is plain MSE: it is what PSNR measures, and without a perceptual loss L1 adds little."""
+    recon, codebook_loss, commitment_loss, indices = model(images)
+    recon_loss = F.mse_loss(recon.float(), images)
+    loss = recon_loss + codebook_loss + commitment_loss
+    parts = dict(recon_loss=recon_loss.item(), codebook_loss=codebook_loss.item(),
+                 commitment_loss=commitment_loss.item())
+    return loss, parts, recon, indices
+
+
+@torch.no_grad()
+def reseed_codes(model: VQVAE, images: torch.Tensor, dead: torch.Tensor) -> int:
+    """Move the codebook rows flagged in `dead` onto random encoder outputs of this batch. At step 0 (all rows
+    dead) this is a data-dependent init; later it revives codes no latent has picked for a while, which
+    otherwise stay unused forever because only chosen codes receive gradient."""
+    dead_rows = dead.nonzero().squeeze(1)
+    if len(dead_rows):
+        z = model.encode(images).float().permute(0, 2, 3, 1).reshape(-1, model.cfg.embed_dim)
+        pick = torch.randint(len(z), (len(dead_rows),), device=z.device)
+        model.quantize.embedding.weight[dead_rows] = z[pick]
+    return len(dead_rows)
+
+
+def psnr(images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB for images in [-1,1] (peak-to-peak 2), reconstruction clamped to that range."""
+    mse = (recon.float().clamp(-1, 1) - images).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
+
+
+@torch.no_grad()
+def evaluate(model: VQVAE, scenes: data.Scenes, batch_size: int, device, amp: bool) -> dict:
+    """val_loss (same terms as the training loss), PSNR, and codebook usage: the fraction of codes used at
+    least once, and the perplexity exp(H(code frequencies)) = the number of codes effectively in use."""
+    model.eval()
+    total, psnrs, counts = 0.0, [], torch.zeros(model.cfg.n_embed, device=device)
+    for images, _ in data.iterate_batches(scenes, batch_size, device):
+        images = images * 2 - 1
+        with trainlib.autocast(device, amp):
+            loss, _, recon, indices = vae_loss(model, images)
+        total += loss.item() * len(images)
+        psnrs.append(psnr(images, recon).cpu())
+        counts += torch.bincount(indices.flatten(), minlength=model.cfg.n_embed)
+    model.train()
+    freq = counts / counts.sum()
+    entropy = -(freq[freq > 0] * freq[freq > 0].log()).sum()
+    return dict(val_loss=total / len(scenes), psnr=torch.cat(psnrs).mean().item(),
+                codebook_usage=(counts > 0).float().mean().item(), perplexity=entropy.exp().item())
+
+
+def save_reconstructions(model: VQVAE, scenes: data.Scenes, path: Path, device, n: int = 8) -> None:
+    """A PNG with n validation images on the top row and their reconstructions below."""
+    images, _ = next(data.iterate_batches(scenes, n, device))
+    with torch.no_grad():
+        recon = model.decode(model.encode(images * 2 - 1)).clamp(-1, 1) * 0.5 + 0.5
+    grid = (torch.cat([images, recon]).permute(0, 2, 3, 1) * 255).round().byte().cpu().numpy()
+    data.save_grid(grid, str(path), nrow=len(images), labels=["input", "recon"])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train the VQ-VAE whose latents SlotDiffusion diffuses.")
+    p.add_argument("--data", default="synthetic", help="'synthetic' or a dataset folder")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--out", default="runs/vae", help="folder for ckpt.pt, metrics and images")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    # None = take the preset's value
+    p.add_argument("--resolution", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--ch", type=int)
+    p.add_argument("--ch-mult", type=lambda s: tuple(int(m) for m in s.split(",")), help="e.g. 1,2,4")
+    p.add_argument("--num-res-blocks", type=int)
+    p.add_argument("--n-embed", type=int, help="codebook size")
+    p.add_argument("--warmup", type=int, help="linear warm-up steps before the cosine decay")
+    p.add_argument("--train-limit", type=int, help="number of training scenes (default: the whole split)")
+    p.add_argument("--val-limit", type=int, help="number of validation scenes (default: the whole split)")
+    p.add_argument("--restart-every", type=int, default=50, help="revive codes unused for this many steps (0: never)")
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast (fp16 on pre-Ampere GPUs); the codebook search always runs in fp32")
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    for name in ("steps", "batch_size", "resolution", "ch", "n_embed"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def train(args: argparse.Namespace) -> dict:
+    out = Path(args.out)
+    ckpt_path = out / "ckpt.pt"
+    device = trainlib.pick_device(args.device)
+    torch.manual_seed(args.seed)
+
+    resume = trainlib.load_checkpoint(ckpt_path) if args.resume else None
+    if resume is not None:  # the architecture is the checkpoint's, whatever the preset says
+        cfg = VAEConfig(**{**resume["config"], "ch_mult": tuple(resume["config"]["ch_mult"])})
+        args.resolution = resume["resolution"]
+    else:
+        cfg = VAEConfig(ch=args.ch, ch_mult=tuple(args.ch_mult), num_res_blocks=args.num_res_blocks,
+                        n_embed=args.n_embed)
+    if cfg.ch % 32:
+        raise InputError(f"--ch {cfg.ch} is not a multiple of 32 (GroupNorm uses 32 groups); use 32 or 64")
+    if args.resolution % cfg.downsample:
+        raise InputError(f"--resolution {args.resolution} is not divisible by {cfg.downsample} "
+                         f"(= 2**(len(ch_mult)-1)); use e.g. 64 or 128")
+
+    train_scenes = data.load_split(args.data, "train", args.resolution, limit=args.train_limit)
+    val_scenes = data.load_split(args.data, "val", args.resolution, limit=args.val_limit)
+
+    model = VQVAE(cfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.99))
+    scaler = trainlib.make_grad_scaler(device, args.amp)
+    code_counts = torch.zeros(cfg.n_embed, device=device)  # code picks since the last restart
+    step = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        code_counts = resume["code_counts"].to(device)
+        step = resume["step"]
+        trainlib.set_rng_state(resume["rng"])
+        print(f"resumed from {ckpt_path} at step {step}")
+    log = trainlib.MetricsLog(out / "metrics.jsonl", resume_step=step if resume is not None else None)
+    print(f"VQ-VAE {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {cfg}, "
+          f"{len(train_scenes)} train / {len(val_scenes)} val scenes at {args.resolution}px, device {device}, "
+          f"amp {args.amp}")
+
+    def save() -> None:
+        trainlib.save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                      config=asdict(cfg), resolution=args.resolution, step=step,
+                                      code_counts=code_counts.cpu(), rng=trainlib.rng_state(), args=vars(args)),
+                                 ckpt_path)
+
+    model.train()
+    bar = tqdm(total=args.steps, initial=step, desc="vae", unit="step", dynamic_ncols=True)
+    with trainlib.StopOnInterrupt() as interrupt:
+        while step < args.steps and not interrupt.requested:
+            images, _ = data.get_batch(train_scenes, step, args.batch_size, args.seed, device)
+            images = images * 2 - 1
+            if step == 0:
+                reseed_codes(model, images, torch.ones(cfg.n_embed, dtype=torch.bool, device=device))
+            elif args.restart_every and step % args.restart_every == 0:
+                revived = reseed_codes(model, images, code_counts == 0)
+                log.log(step=step, codes_revived=revived)
+                code_counts.zero_()
+            lr = trainlib.lr_warmup_cosine(step, args.lr, args.warmup, args.steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with trainlib.autocast(device, args.amp):
+                loss, parts, _, indices = vae_loss(model, images)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            code_counts += torch.bincount(indices.flatten(), minlength=cfg.n_embed)
+            step += 1
+            bar.update()
+            if step % args.log_every == 0 or step == args.steps:
+                bar.set_postfix(loss=f"{loss.item():.4f}", mse=f"{parts['recon_loss']:.4f}")
+                log.log(step=step, train_loss=loss.item(), lr=lr, **parts)
+            if step % args.eval_every == 0 or step == args.steps:
+                metrics = evaluate(model, val_scenes, args.batch_size, device, args.amp)
+                log.log(step=step, **metrics)
+                bar.write(f"step {step}: val loss {metrics['val_loss']:.4f}, PSNR {metrics['psnr']:.2f} dB, "
+                          f"codebook usage {metrics['codebook_usage']:.1%} (perplexity {metrics['perplexity']:.0f})")
+            if step % args.save_every == 0:
+                save()
+    bar.close()
+    if step % args.save_every:  # otherwise the loop just saved this step
+        save()
+
+    metrics = dict(step=step, **evaluate(model, val_scenes, args.batch_size, device, args.amp))
+    (out / "val_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    save_reconstructions(model, val_scenes, out / "reconstructions.png", device)
+    trainlib.plot_loss_curves(log.records(), out / "loss_curves.png", title="VQ-VAE")
+    print(f"step {step}: val PSNR {metrics['psnr']:.2f} dB, codebook usage {metrics['codebook_usage']:.1%} "
+          f"(perplexity {metrics['perplexity']:.0f} of {cfg.n_embed}); wrote {ckpt_path}, "
+          f"{out / 'reconstructions.png'} (inputs over reconstructions), {out / 'loss_curves.png'}")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_float32_matmul_precision("high")
+    try:
+        train(args)
+    except InputError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
