@@ -1,0 +1,123 @@
+"""Train-step throughput of sa.py's model: eager fp32 vs torch.compile + AMP (bf16), side by side in one run.
+
+    .venv/bin/python bench/bench_sa.py [--preset cpu] [--steps 10] [--device auto]
+
+Also prints model FLOPs per training step (torch's FlopCounterMode), the machine's measured matmul peak and
+the fraction of it that one step reaches (MFU), and each variant's peak resident memory.
+Timings on shared machines drift: variants are interleaved in rounds and the median is reported.
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import sa  # noqa: E402
+import trainlib  # noqa: E402
+
+
+def peak_rss_reset() -> None:
+    """Linux: writing 5 to clear_refs resets VmHWM, so each variant's peak is measured on its own."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_gib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_step(model, opt, images, device, amp):
+    def step():
+        with trainlib.autocast(device, amp):
+            loss = model(images)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+
+def matmul_peak(device, dtype, n=2048, reps=10) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="cpu", choices=sorted(sa.PRESETS))
+    p.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    device = trainlib.pick_device(args.device)
+    cfg = sa.SAConfig(**sa.PRESETS[args.preset])
+    images = torch.rand(cfg.batch_size, 3, cfg.resolution, cfg.resolution, device=device)
+    print(f"preset {args.preset}: {cfg.resolution}x{cfg.resolution}, batch {cfg.batch_size}, {cfg.slots} slots, "
+          f"enc {cfg.enc_channels} ch, dec {cfg.dec_channels} ch, device {device}, threads {torch.get_num_threads()}")
+
+    torch.manual_seed(0)
+    base = sa.SlotAutoencoder(cfg).to(device)
+    with FlopCounterMode(display=False) as counter:
+        base(images)["loss"].backward()
+    flops = counter.get_total_flops()
+    print(f"model FLOPs per training step (fwd+bwd): {flops / 1e9:.1f} GFLOP")
+
+    variants = {}
+    for name, compiled, amp in [("eager fp32", False, False), ("compiled + AMP bf16", True, True)]:
+        model = sa.SlotAutoencoder(cfg).to(device)
+        model.load_state_dict(base.state_dict())
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        run = torch.compile(model) if compiled else model
+        step = make_step(run, opt, images, device, amp)
+        peak_rss_reset()
+        t = time.perf_counter()
+        for _ in range(2):  # warm-up (and compilation)
+            step()
+        sync(device)
+        variants[name] = dict(step=step, times=[], warmup_s=time.perf_counter() - t)
+
+    for _ in range(args.rounds):
+        for v in variants.values():
+            peak_rss_reset()
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                v["step"]()
+            sync(device)
+            v["times"].append((time.perf_counter() - t) / args.steps)
+            v["peak_gib"] = peak_rss_gib()
+
+    peak = matmul_peak(device, torch.bfloat16)
+    peak32 = matmul_peak(device, torch.float32)
+    print(f"measured matmul peak: fp32 {peak32 / 1e12:.2f} TFLOP/s, bf16 {peak / 1e12:.2f} TFLOP/s")
+    for name, v in variants.items():
+        s = statistics.median(v["times"])
+        ref = peak if "bf16" in name else peak32
+        print(f"{name:22s} {s * 1e3:8.1f} ms/step  {cfg.batch_size / s:7.1f} img/s  MFU {flops / s / ref:6.1%}  "
+              f"peak RSS {v['peak_gib']:.2f} GiB  (warm-up/compile {v['warmup_s']:.1f} s)")
+    eager, fast = (statistics.median(v["times"]) for v in variants.values())
+    print(f"speed-up compiled+AMP vs eager fp32: {eager / fast:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,483 @@
+"""Slot Attention (Locatello et al. 2020) with a Spatial Broadcast Decoder, in one file.
+
+    python sa.py --slots 11                  # train on the embedded synthetic scenes, then evaluate
+    python sa.py --preset cpu                # small enough for a 2-core CPU to learn objects in minutes
+    python sa.py --data PATH --preset paper  # a real dataset, the paper's object-discovery settings
+    python sa.py eval --ckpt runs/sa/ckpt.pt # evaluate a checkpoint: ARI, FG-ARI, mBO, compositional FID
+    torchrun --nproc_per_node 8 sa.py ...    # DDP, one process per GPU
+
+Reads top to bottom: config, model (encoder -> Slot Attention -> decoder), training loop, evaluation.
+The slot encoder defined here is imported by slotdiff.py, so there is one definition in the project.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import metrics
+import trainlib
+from data import InputError, Scenes, colorize_masks, get_batch, iterate_batches, load_split, save_grid
+
+
+# ----------------------------------------------------------------------------------------------------------
+# config
+
+@dataclass
+class SAConfig:
+    # data
+    data: str = "synthetic"        # "synthetic" (embedded generator) or a dataset folder
+    resolution: int = 128
+    num_train: int | None = None   # synthetic only: scenes to generate (None = data.py's default)
+    num_val: int | None = None
+    # model (official object-discovery settings)
+    slots: int = 11
+    iters: int = 3
+    slot_dim: int = 64
+    slot_mlp_hidden: int = 128
+    slot_init: str = "gaussian"    # "gaussian": slots ~ N(mu, sigma) (paper); "learned": K learned vectors
+    enc_channels: int = 64
+    dec_channels: int = 64
+    broadcast_size: int = 8        # the decoder upsamples this grid to `resolution` by stride-2 steps
+    # optimisation (paper: batch 64, Adam 4e-4, 10k warm-up, x0.5 every 100k, 500k steps)
+    batch_size: int = 64
+    lr: float = 4e-4
+    warmup: int = 10_000
+    decay_every: int = 100_000
+    decay_rate: float = 0.5
+    steps: int = 500_000
+    grad_clip: float = 0.0         # 0 = off (the paper does not clip)
+    # system
+    device: str = "auto"
+    compile: bool = True
+    amp: bool = True
+    seed: int = 0
+    out: str = "runs/sa"
+    log_every: int = 50
+    eval_every: int = 2_000
+    eval_images: int = 256         # val images used for the periodic FG-ARI during training
+    ckpt_every: int = 1_000
+    # evaluation
+    comp_sample: str = "member"    # compositional generation: "member" (a random cluster member) or "gaussian"
+    num_gen: int | None = None     # images to generate for FID (None = size of the val split)
+
+
+PRESETS = {
+    "paper": dict(resolution=128, batch_size=64, lr=4e-4, warmup=10_000, decay_every=100_000, steps=500_000),
+    # A 2-core CPU: 64x64 images, half-width CNNs, a short warm-up. Same architecture, same algorithm.
+    "cpu": dict(resolution=64, enc_channels=32, dec_channels=32, batch_size=32, lr=4e-4, warmup=500,
+                decay_every=5_000, steps=3_000, num_train=5_000, num_val=500, log_every=25, eval_every=500,
+                eval_images=128, ckpt_every=500),
+}
+
+
+def validate(cfg: SAConfig) -> None:
+    """Catch impossible settings here, with the fix, instead of as a shape error deep inside torch."""
+    if cfg.slots < 1:
+        raise InputError(f"--slots {cfg.slots}: need at least 1 slot (the paper uses 7 for CLEVR6, 11 for CLEVR10)")
+    if cfg.iters < 1:
+        raise InputError(f"--iters {cfg.iters}: Slot Attention needs at least 1 iteration (paper: 3)")
+    ratio = cfg.resolution / cfg.broadcast_size
+    if cfg.resolution < 1 or ratio < 1 or ratio != 2 ** round(math.log2(ratio)):
+        raise InputError(f"--resolution {cfg.resolution} is not --broadcast-size {cfg.broadcast_size} times a power "
+                         f"of 2, so the stride-2 decoder cannot reach it; use e.g. 32, 64 or 128 "
+                         f"(or change --broadcast-size)")
+    if cfg.slot_init not in ("gaussian", "learned"):
+        raise InputError(f"--slot-init {cfg.slot_init!r}: choose 'gaussian' or 'learned'")
+    if cfg.comp_sample not in ("member", "gaussian"):
+        raise InputError(f"--comp-sample {cfg.comp_sample!r}: choose 'member' or 'gaussian'")
+    if cfg.batch_size < 1 or cfg.steps < 0:
+        raise InputError("--batch-size must be >= 1 and --steps >= 0")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model
+
+def position_grid(height: int, width: int) -> torch.Tensor:
+    """(1, H, W, 4) grid [x, y, 1-x, 1-y] in [0, 1]: the 4 'distances to the borders' of the paper."""
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
+    return torch.stack([xs, ys, 1 - xs, 1 - ys], dim=-1).unsqueeze(0)
+
+
+class SoftPositionEmbed(nn.Module):
+    """Adds a learned linear map of the position grid to a channels-first feature map."""
+
+    def __init__(self, channels: int, size: int):
+        super().__init__()
+        self.proj = nn.Linear(4, channels)
+        self.register_buffer("grid", position_grid(size, size), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.proj(self.grid).permute(0, 3, 1, 2)
+
+
+class SlotAttention(nn.Module):
+    """Algorithm 1 of Locatello et al. 2020; returns the slots and the last iteration's attention (B, K, N)."""
+
+    def __init__(self, num_slots: int, dim: int, input_dim: int, iters: int = 3, mlp_hidden: int = 128,
+                 init: str = "gaussian", eps: float = 1e-8):
+        super().__init__()
+        self.num_slots, self.dim, self.iters, self.eps = num_slots, dim, iters, eps
+        self.scale = dim ** -0.5
+        self.norm_inputs = nn.LayerNorm(input_dim)
+        self.norm_slots = nn.LayerNorm(dim)
+        self.norm_mlp = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(input_dim, dim, bias=False)
+        self.to_v = nn.Linear(input_dim, dim, bias=False)
+        self.gru = nn.GRUCell(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_hidden), nn.ReLU(), nn.Linear(mlp_hidden, dim))
+        self.init = init
+        if init == "gaussian":  # one shared Gaussian: slots are exchangeable, so K can change at test time
+            self.slots_mu = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, 1, dim)))
+            self.slots_log_sigma = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, 1, dim)))
+        else:                   # K learned vectors: deterministic, each slot may specialise
+            self.slots_init = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, num_slots, dim)))
+
+    def initial_slots(self, batch: int) -> torch.Tensor:
+        if self.init == "gaussian":
+            noise = torch.randn(batch, self.num_slots, self.dim, device=self.slots_mu.device)
+            return self.slots_mu + self.slots_log_sigma.exp() * noise
+        return self.slots_init.expand(batch, -1, -1)
+
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b = inputs.shape[0]
+        inputs = self.norm_inputs(inputs)                                   # line 2
+        k, v = self.to_k(inputs), self.to_v(inputs)                         # computed once, used every iteration
+        slots = self.initial_slots(b)                                       # line 1
+        for _ in range(self.iters):                                         # line 3
+            slots_prev = slots
+            q = self.to_q(self.norm_slots(slots))                           # lines 5, 6
+            logits = torch.einsum("bkd,bnd->bkn", q, k) * self.scale
+            attn = logits.softmax(dim=1)                                    # line 6: softmax over SLOTS (competition)
+            weights = (attn + self.eps) / (attn + self.eps).sum(dim=-1, keepdim=True)  # line 7: weighted mean
+            updates = torch.einsum("bkn,bnd->bkd", weights, v)
+            slots = self.gru(updates.reshape(-1, self.dim), slots_prev.reshape(-1, self.dim)).view(b, -1, self.dim)
+            slots = slots + self.mlp(self.norm_mlp(slots))                  # line 9: residual MLP
+        return slots, attn
+
+
+class SlotEncoder(nn.Module):
+    """Images in [0, 1] -> CNN -> + soft position embedding -> LayerNorm + MLP -> Slot Attention."""
+
+    def __init__(self, cfg: SAConfig):
+        super().__init__()
+        c = cfg.enc_channels
+        layers = []
+        for i in range(4):  # 4 x (5x5 conv, stride 1): the feature map keeps the image resolution
+            layers += [nn.Conv2d(3 if i == 0 else c, c, 5, padding=2), nn.ReLU()]
+        self.cnn = nn.Sequential(*layers)
+        self.pos = SoftPositionEmbed(c, cfg.resolution)
+        self.mlp = nn.Sequential(nn.LayerNorm(c), nn.Linear(c, c), nn.ReLU(), nn.Linear(c, c))
+        self.slot_attention = SlotAttention(cfg.slots, cfg.slot_dim, c, cfg.iters, cfg.slot_mlp_hidden, cfg.slot_init)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.pos(self.cnn(images * 2 - 1))          # the paper feeds images in [-1, 1]
+        x = self.mlp(x.flatten(2).transpose(1, 2))      # (B, N, C) with N = H * W
+        return self.slot_attention(x)
+
+
+class SpatialBroadcastDecoder(nn.Module):
+    """Each slot is tiled on a small grid, decoded on its own to RGB + a mask logit; masks compete by softmax."""
+
+    def __init__(self, cfg: SAConfig):
+        super().__init__()
+        c, d = cfg.dec_channels, cfg.slot_dim
+        self.size = cfg.broadcast_size
+        self.pos = SoftPositionEmbed(d, self.size)
+        layers, channels = [], d
+        for _ in range(round(math.log2(cfg.resolution // self.size))):   # 8 -> 16 -> ... -> resolution
+            layers += [nn.ConvTranspose2d(channels, c, 5, stride=2, padding=2, output_padding=1), nn.ReLU()]
+            channels = c
+        layers += [nn.ConvTranspose2d(channels, c, 5, padding=2), nn.ReLU(), nn.ConvTranspose2d(c, 4, 3, padding=1)]
+        self.cnn = nn.Sequential(*layers)
+
+    def forward(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, k, d = slots.shape
+        x = slots.reshape(b * k, d, 1, 1).expand(-1, -1, self.size, self.size)
+        out = self.cnn(self.pos(x))
+        out = out.view(b, k, 4, *out.shape[-2:])
+        rgb, masks = out[:, :, :3], out[:, :, 3:].softmax(dim=1)   # (B,K,3,H,W), (B,K,1,H,W)
+        recon = (masks * rgb).sum(dim=1)                           # in [-1, 1] space, like the inputs
+        return recon, masks, rgb
+
+
+class SlotAutoencoder(nn.Module):
+    def __init__(self, cfg: SAConfig):
+        super().__init__()
+        self.encoder = SlotEncoder(cfg)
+        self.decoder = SpatialBroadcastDecoder(cfg)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        slots, attn = self.encoder(images)
+        recon, masks, rgb = self.decoder(slots)
+        loss = F.mse_loss(recon.float(), images * 2 - 1)
+        return dict(loss=loss, recon=recon, masks=masks, rgb=rgb, slots=slots, attn=attn)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training
+
+def lr_at(step: int, cfg: SAConfig) -> float:
+    return trainlib.lr_warmup_step_decay(step, cfg.lr, cfg.warmup, cfg.decay_every, cfg.decay_rate)
+
+
+def checkpoint_state(model: nn.Module, opt: torch.optim.Optimizer, scaler, step: int, cfg: SAConfig) -> dict:
+    return dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step,
+                config=asdict(cfg), rng=trainlib.rng_state())
+
+
+@torch.no_grad()
+def evaluate_masks(model: SlotAutoencoder, scenes: Scenes, cfg: SAConfig, device: torch.device,
+                   limit: int | None = None, progress: bool = False) -> dict[str, float]:
+    """Val loss, ARI, FG-ARI and mBO between ground truth and argmax-over-slots decoder masks."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)   # same Gaussian slot draws every eval; the training RNG stream is left untouched
+        return _evaluate_masks(model, scenes, cfg, device, limit, progress)
+
+
+def _evaluate_masks(model, scenes, cfg, device, limit, progress) -> dict[str, float]:
+    model.eval()
+    n = min(len(scenes), limit) if limit else len(scenes)
+    subset = Scenes(scenes.images[:n], scenes.masks[:n], scenes.name)
+    totals = dict(loss=0.0, ari=[], fg_ari=[], mbo=[])
+    batches = iterate_batches(subset, cfg.batch_size, device)
+    for images, true_masks in tqdm(batches, total=math.ceil(n / cfg.batch_size), desc="eval", disable=not progress,
+                                   leave=False):
+        with trainlib.autocast(device, cfg.amp):
+            out = model(images)
+        pred = out["masks"].squeeze(2).argmax(dim=1)
+        totals["loss"] += out["loss"].item() * len(images)
+        totals["ari"].append(metrics.ari(true_masks, pred))
+        totals["fg_ari"].append(metrics.ari(true_masks, pred, foreground_only=True))
+        totals["mbo"].append(metrics.mbo(true_masks, pred))
+    model.train()
+    return dict(val_loss=totals["loss"] / n, ari=torch.cat(totals["ari"]).mean().item(),
+                fg_ari=torch.cat(totals["fg_ari"]).mean().item(), mbo=torch.cat(totals["mbo"]).nanmean().item())
+
+
+def train(cfg: SAConfig, resume: str | None = None) -> Path | None:
+    """Trains, writing ckpt.pt, metrics.jsonl and loss_curves.png to cfg.out; returns the checkpoint path
+    (None on the non-master DDP ranks, which do not evaluate)."""
+    ddp = trainlib.setup_distributed(cfg.device)
+    device, master = ddp.device, ddp.is_master
+    out = Path(cfg.out)
+    ckpt_path = out / "ckpt.pt"
+    torch.manual_seed(cfg.seed + ddp.rank)
+
+    train_set = load_split(cfg.data, "train", cfg.resolution, cfg.num_train)
+    val_set = load_split(cfg.data, "val", cfg.resolution, cfg.num_val)
+    check_resolution(train_set, cfg)
+
+    model = SlotAutoencoder(cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scaler = trainlib.make_grad_scaler(device, cfg.amp)
+    start = 0
+    if resume:
+        state = trainlib.load_checkpoint(resume, map_location=device)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        trainlib.set_rng_state(state["rng"])
+        start = state["step"]
+        if master:
+            print(f"resumed from {resume} at step {start}")
+    log = trainlib.MetricsLog(out / "metrics.jsonl", resume_step=start if resume else None) if master else None
+    if master:
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+    step_model = torch.compile(model) if cfg.compile else model   # compiled view shares the parameters
+    if ddp.world_size > 1:
+        step_model = nn.parallel.DistributedDataParallel(step_model, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
+    images_per_step = cfg.batch_size * ddp.world_size
+    epoch_size = len(train_set)
+
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not master,
+               dynamic_ncols=True)
+    with trainlib.StopOnInterrupt() as interrupt:
+        for step in bar:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            images, _ = get_batch(train_set, step, cfg.batch_size, cfg.seed, device, ddp.rank, ddp.world_size)
+            with trainlib.autocast(device, cfg.amp):
+                loss = step_model(images)["loss"]
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            done = step + 1
+
+            if master and (done % cfg.log_every == 0 or done == cfg.steps):
+                loss_value = loss.item()
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_at(step, cfg):.1e}")
+                log.log(step=done, epoch=done * images_per_step / epoch_size, train_loss=loss_value,
+                        lr=lr_at(step, cfg))
+            if master and (done % cfg.eval_every == 0 or done == cfg.steps):
+                val = evaluate_masks(model, val_set, cfg, device, limit=cfg.eval_images)
+                log.log(step=done, epoch=done * images_per_step / epoch_size, **val)
+                bar.write(f"step {done}: val loss {val['val_loss']:.4f}  FG-ARI {val['fg_ari']:.3f}  "
+                          f"ARI {val['ari']:.3f}  mBO {val['mbo']:.3f} (first {cfg.eval_images} val images)")
+                trainlib.plot_loss_curves(log.records(), out / "loss_curves.png", title="Slot Attention + SBD")
+            if master and (done % cfg.ckpt_every == 0 or done == cfg.steps or interrupt.requested):
+                trainlib.save_checkpoint(checkpoint_state(model, opt, scaler, done, cfg), ckpt_path)
+            if interrupt.requested:
+                bar.close()
+                print(f"stopped at step {done}; checkpoint {ckpt_path}. Resume: python sa.py --resume {ckpt_path}")
+                sys.exit(130)
+    bar.close()
+    if ddp.world_size > 1:
+        torch.distributed.destroy_process_group()
+    return ckpt_path if master else None
+
+
+def check_resolution(scenes: Scenes, cfg: SAConfig) -> None:
+    h, w = scenes.images.shape[1:3]
+    if (h, w) != (cfg.resolution, cfg.resolution):
+        raise InputError(f"{scenes.name} has {h}x{w} images but --resolution is {cfg.resolution}; "
+                         f"pass --resolution {h} or regenerate the data")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluation: segmentation metrics, pictures, compositional generation + FID
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def save_samples(model: SlotAutoencoder, scenes: Scenes, cfg: SAConfig, device: torch.device, path: Path,
+                 count: int = 8) -> None:
+    """One row per val image: input | reconstruction | true masks | predicted masks | each slot's masked render."""
+    model.eval()
+    images, true_masks = next(iterate_batches(Scenes(scenes.images[:count], scenes.masks[:count], scenes.name),
+                                              count, device))
+    with trainlib.autocast(device, cfg.amp):
+        out = model(images)
+    masks = out["masks"].float()
+    per_slot = masks * out["rgb"].float() + (1 - masks)            # each slot on a white background
+    rows = []
+    for i in range(len(images)):
+        rows += [to_uint8(images[i:i + 1] * 2 - 1)[0], to_uint8(out["recon"][i:i + 1])[0],
+                 colorize_masks(true_masks[i].cpu().numpy()), colorize_masks(masks[i].squeeze(1).argmax(0).cpu().numpy())]
+        rows += list(to_uint8(per_slot[i]))
+    labels = ["input", "recon", "true", "pred"] + [f"slot {k}" for k in range(cfg.slots)]
+    save_grid(np.stack(rows), str(path), nrow=4 + cfg.slots, labels=labels)
+    model.train()
+
+
+@torch.no_grad()
+def slot_library(encoder: SlotEncoder, scenes: Scenes, batch_size: int, device: torch.device, amp: bool) -> torch.Tensor:
+    """All K slots of every image of a split, (N * K, D): what compositional generation samples from."""
+    encoder.eval()
+    chunks = []
+    for images, _ in tqdm(iterate_batches(scenes, batch_size, device), total=math.ceil(len(scenes) / batch_size),
+                          desc="slot library", leave=False):
+        with trainlib.autocast(device, amp):
+            slots, _ = encoder(images)
+        chunks.append(slots.float().flatten(0, 1).cpu())
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def compositional_generation(model: SlotAutoencoder, train_set: Scenes, n: int, cfg: SAConfig,
+                             device: torch.device) -> np.ndarray:
+    """Slot library -> k-means (k = K) -> one slot from each cluster per new scene -> decode. (n, H, W, 3) uint8."""
+    library = slot_library(model.encoder, train_set, cfg.batch_size, device, cfg.amp)
+    slots = metrics.compose_slots(library, k=cfg.slots, n=n, mode=cfg.comp_sample, seed=cfg.seed)
+    images = []
+    for chunk in tqdm(slots.split(cfg.batch_size), desc="decode", leave=False):
+        with trainlib.autocast(device, cfg.amp):
+            recon, _, _ = model.decoder(chunk.to(device))
+        images.append(to_uint8(recon))
+    return np.concatenate(images)
+
+
+def evaluate(ckpt: str | Path, cfg: SAConfig | None = None) -> dict:
+    """Full evaluation of a checkpoint (with its own config unless one is given); writes val_metrics.json,
+    samples.png, comp_grid.png and the generated images in comp_gen/ next to the checkpoint."""
+    state = trainlib.load_checkpoint(ckpt)
+    cfg = cfg or SAConfig(**state["config"])
+    device = trainlib.pick_device(cfg.device)
+    out = Path(ckpt).parent
+    model = SlotAutoencoder(cfg).to(device)
+    model.load_state_dict(state["model"])
+    torch.manual_seed(cfg.seed)                      # Gaussian slot init: make eval repeatable
+
+    val_set = load_split(cfg.data, "val", cfg.resolution, cfg.num_val)
+    train_set = load_split(cfg.data, "train", cfg.resolution, cfg.num_train)
+    check_resolution(val_set, cfg)
+    result = evaluate_masks(model, val_set, cfg, device, progress=True)
+    save_samples(model, val_set, cfg, device, out / "samples.png")
+
+    n = cfg.num_gen or len(val_set)
+    generated = compositional_generation(model, train_set, n, cfg, device)
+    metrics.save_images(generated, str(out / "comp_gen"))
+    save_grid(generated[:64], str(out / "comp_grid.png"), nrow=8)
+    result["fid"] = metrics.fid(val_set.images, generated, device=str(device))
+    result.update(step=state["step"], val_images=len(val_set), generated_images=n, comp_sample=cfg.comp_sample,
+                  objects_per_scene=float(np.mean([len(np.unique(m)) - 1 for m in val_set.masks])))
+    (out / "val_metrics.json").write_text(json.dumps(result, indent=2))
+    print(f"val ({len(val_set)} images): ARI {result['ari']:.4f}  FG-ARI {result['fg_ari']:.4f}  mBO {result['mbo']:.4f}  "
+          f"loss {result['val_loss']:.5f}\ncompositional FID ({n} generated vs {len(val_set)} val, "
+          f"{cfg.comp_sample} sampling): {result['fid']:.2f}\nwrote {out}/val_metrics.json, samples.png, "
+          f"comp_grid.png, loss_curves.png")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line: dataclass fields become flags (--slot-init, --compile 0, ...); presets are override dicts
+
+def parse_args(argv: list[str]) -> tuple[str, SAConfig, argparse.Namespace]:
+    command = argv.pop(0) if argv and argv[0] in ("train", "eval") else "train"
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named set of overrides (explicit flags still win)")
+    p.add_argument("--resume", help="train: continue from this checkpoint exactly")
+    p.add_argument("--ckpt", help="eval: the checkpoint to evaluate")
+    p.add_argument("--no-eval", action="store_true", help="train: skip the final evaluation")
+    for f in fields(SAConfig):
+        kind = {"bool": int, "int": int, "int | None": int, "float": float}.get(f.type, str)
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=f"default {f.default}")
+    args = p.parse_args(argv)
+    base = {}
+    if args.resume or args.ckpt:  # continue with the checkpoint's own settings unless overridden
+        base = trainlib.load_checkpoint(args.resume or args.ckpt)["config"]
+    elif args.preset:
+        base = PRESETS[args.preset]
+    explicit = {f.name: getattr(args, f.name) for f in fields(SAConfig) if getattr(args, f.name) is not None}
+    cfg = SAConfig(**{**base, **explicit})
+    cfg.compile, cfg.amp = bool(cfg.compile), bool(cfg.amp)
+    return command, cfg, args
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        command, cfg, args = parse_args(list(sys.argv[1:] if argv is None else argv))
+        validate(cfg)
+        if command == "eval":
+            if not args.ckpt:
+                raise InputError("eval needs --ckpt PATH (e.g. runs/sa/ckpt.pt, written by training)")
+            evaluate(args.ckpt, cfg)
+            return
+        ckpt = train(cfg, resume=args.resume)
+        if ckpt is not None and not args.no_eval:
+            evaluate(ckpt, cfg)
+    except InputError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

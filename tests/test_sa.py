@@ -1,0 +1,150 @@
+"""sa.py: shapes, the Slot Attention algorithm against a hand-written reference, training, resume, CLI errors."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import sa
+
+TINY = dict(resolution=32, slots=4, slot_dim=16, slot_mlp_hidden=32, enc_channels=8, dec_channels=8,
+            batch_size=4, warmup=2, steps=6, num_train=16, num_val=8, log_every=1, eval_every=3, eval_images=8,
+            ckpt_every=3, compile=False, amp=False, device="cpu")
+
+
+def tiny_cfg(**kw) -> sa.SAConfig:
+    return sa.SAConfig(**{**TINY, **kw})
+
+
+def test_shapes_through_every_stage():
+    cfg = tiny_cfg()
+    model = sa.SlotAutoencoder(cfg)
+    images = torch.rand(2, 3, 32, 32)
+    slots, attn = model.encoder(images)
+    assert slots.shape == (2, 4, 16)
+    assert attn.shape == (2, 4, 32 * 32)
+    recon, masks, rgb = model.decoder(slots)
+    assert recon.shape == (2, 3, 32, 32) and masks.shape == (2, 4, 1, 32, 32) and rgb.shape == (2, 4, 3, 32, 32)
+    torch.testing.assert_close(masks.sum(dim=1), torch.ones(2, 1, 32, 32))
+    torch.testing.assert_close(attn.sum(dim=1), torch.ones(2, 32 * 32))
+    assert torch.isfinite(model(images)["loss"])
+
+
+def reference_slot_attention(m: sa.SlotAttention, inputs: torch.Tensor, slots: torch.Tensor):
+    """Algorithm 1 written out with plain formulas and python loops over slots (no einsum, no nn.GRUCell)."""
+    def layer_norm(x, ln):
+        mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+        return (x - mu) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
+
+    def gru(x, h, cell):
+        wi, wh, bi, bh = cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh
+        d = h.shape[-1]
+        gi, gh = x @ wi.T + bi, h @ wh.T + bh
+        r = torch.sigmoid(gi[:, :d] + gh[:, :d])
+        z = torch.sigmoid(gi[:, d:2 * d] + gh[:, d:2 * d])
+        n = torch.tanh(gi[:, 2 * d:] + r * gh[:, 2 * d:])
+        return (1 - z) * n + z * h
+
+    x = layer_norm(inputs, m.norm_inputs)
+    k, v = x @ m.to_k.weight.T, x @ m.to_v.weight.T
+    b, num_slots, d = slots.shape
+    for _ in range(m.iters):
+        q = layer_norm(slots, m.norm_slots) @ m.to_q.weight.T
+        logits = torch.stack([(q[:, i:i + 1] * k).sum(-1) for i in range(num_slots)], 1) / math.sqrt(d)
+        attn = torch.exp(logits) / torch.exp(logits).sum(1, keepdim=True)
+        a = attn + m.eps
+        updates = torch.stack([(a[:, i, :, None] * v).sum(1) / a[:, i].sum(-1, keepdim=True)
+                               for i in range(num_slots)], 1)
+        slots = gru(updates.reshape(-1, d), slots.reshape(-1, d), m.gru).reshape(b, num_slots, d)
+        h = torch.relu(layer_norm(slots, m.norm_mlp) @ m.mlp[0].weight.T + m.mlp[0].bias)
+        slots = slots + h @ m.mlp[2].weight.T + m.mlp[2].bias
+    return slots, attn
+
+
+@pytest.mark.parametrize("init", ["gaussian", "learned"])
+def test_slot_attention_matches_reference(init):
+    torch.manual_seed(0)
+    m = sa.SlotAttention(num_slots=5, dim=16, input_dim=12, iters=3, mlp_hidden=24, init=init).double()
+    for p in m.parameters():                     # make every weight (norms, biases too) non-trivial
+        p.data.normal_(0, 0.5)
+    inputs = torch.randn(3, 40, 12, dtype=torch.float64)
+    torch.manual_seed(1)
+    slots, attn = m(inputs)
+    torch.manual_seed(1)
+    initial = m.initial_slots(3)
+    ref_slots, ref_attn = reference_slot_attention(m, inputs, initial)
+    torch.testing.assert_close(slots, ref_slots, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(attn, ref_attn, rtol=1e-9, atol=1e-9)
+
+
+def test_gaussian_init_samples_around_mu():
+    m = sa.SlotAttention(num_slots=7, dim=8, input_dim=8, init="gaussian")
+    s = m.initial_slots(4000)
+    torch.testing.assert_close(s.mean((0, 1)), m.slots_mu.detach().view(-1), atol=0.05, rtol=0)
+    torch.testing.assert_close(s.std((0, 1)), m.slots_log_sigma.detach().exp().view(-1), atol=0.05, rtol=0.05)
+
+
+def test_one_step_lowers_loss_on_fixed_batch():
+    torch.manual_seed(0)
+    model = sa.SlotAutoencoder(tiny_cfg(slot_init="learned"))
+    images = torch.rand(4, 3, 32, 32)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    before = model(images)["loss"]
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after = model(images)["loss"]
+    assert after < before
+
+
+def run_train(tmp_path, name, **kw):
+    cfg = tiny_cfg(out=str(tmp_path / name), **kw)
+    return cfg, sa.train(cfg, resume=kw.get("resume_from"))
+
+
+def train_losses(run_dir):
+    return [r["train_loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "train_loss" in r]
+
+
+def test_checkpoint_and_exact_resume(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    full = tiny_cfg(out=str(tmp_path / "full"))
+    sa.train(full)
+    first = tiny_cfg(out=str(tmp_path / "split"), steps=3)
+    ckpt = sa.train(first)
+    state = torch.load(ckpt, weights_only=False)
+    assert state["step"] == 3 and set(state) >= {"model", "optimizer", "rng", "config"}
+    resumed = tiny_cfg(out=str(tmp_path / "split"), steps=6)
+    sa.train(resumed, resume=str(ckpt))
+    assert train_losses(tmp_path / "full") == train_losses(tmp_path / "split")   # bit-identical continuation
+    assert len(train_losses(tmp_path / "full")) == 6
+    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "full" / "loss_curves.png").stat().st_size > 0
+
+
+def test_compositional_generation_shapes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_cfg()
+    model = sa.SlotAutoencoder(cfg)
+    train_set = sa.load_split("synthetic", "train", 32, 16)
+    images = sa.compositional_generation(model, train_set, 10, cfg, torch.device("cpu"))
+    assert images.shape == (10, 32, 32, 3) and images.dtype == np.uint8
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--slots", "0"], "--slots 0"),
+    (["--data", "/no/such/dataset"], "/no/such/dataset"),
+    (["--resolution", "48"], "--resolution 48"),
+    (["eval"], "--ckpt"),
+    (["eval", "--ckpt", "/no/such/ckpt.pt"], "/no/such/ckpt.pt"),
+])
+def test_bad_arguments_give_one_clear_error(argv, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        sa.main(argv + ["--compile", "0", "--steps", "1"])
+    message = str(exc.value.code)
+    assert message.startswith("error:") and needle in message
