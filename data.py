@@ -609,13 +609,12 @@ def _to_device(scenes: Scenes, index: np.ndarray, device) -> tuple[torch.Tensor,
     return images.permute(0, 3, 1, 2).contiguous().float().div_(255), masks.long()
 
 
-def get_batch(scenes: Scenes, step: int, batch_size: int, seed: int, device, rank: int = 0,
-              world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch `step` of an endless stream of shuffled epochs; a pure function of (seed, step) -> exact resume.
+def batch_indices(n: int, step: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+    """Scene indices of batch `step` of an endless stream of shuffled epochs; a pure function of (seed, step),
+    so resuming needs no sampler state, and other per-scene arrays (e.g. cached latents) can be indexed alike.
 
-    Sample k of the global stream is permutation(seed, epoch=k // N)[k % N]; rank r takes the r-th slice of the
+    Sample k of the global stream is permutation(seed, epoch=k // n)[k % n]; rank r takes the r-th slice of the
     global batch, so ranks never overlap and each epoch visits every scene exactly once."""
-    n = len(scenes)
     first = (step * world_size + rank) * batch_size
     positions = np.arange(first, first + batch_size)
     epochs = positions // n
@@ -623,7 +622,13 @@ def get_batch(scenes: Scenes, step: int, batch_size: int, seed: int, device, ran
     for epoch in np.unique(epochs):
         perm = np.random.default_rng([seed, int(epoch)]).permutation(n)
         index[epochs == epoch] = perm[positions[epochs == epoch] % n]
-    return _to_device(scenes, index, device)
+    return index
+
+
+def get_batch(scenes: Scenes, step: int, batch_size: int, seed: int, device, rank: int = 0,
+              world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch `step` (see batch_indices): images float (B,3,H,W) in [0,1] and masks int64 (B,H,W) on device."""
+    return _to_device(scenes, batch_indices(len(scenes), step, batch_size, seed, rank, world_size), device)
 
 
 def iterate_batches(scenes: Scenes, batch_size: int, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
