@@ -67,6 +67,7 @@ class SAConfig:
     eval_every: int = 2_000
     eval_images: int = 256         # val images used for the periodic FG-ARI during training
     ckpt_every: int = 1_000
+    max_minutes: float = 0.0       # wall-time budget for training (0 = none): checkpoint, stop, evaluate
     # evaluation
     comp_sample: str = "member"    # compositional generation: "member" (a random cluster member) or "gaussian"
     num_gen: int | None = None     # images to generate for FID (None = size of the val split)
@@ -302,6 +303,7 @@ def train(cfg: SAConfig, resume: str | None = None) -> Path | None:
     images_per_step = cfg.batch_size * ddp.world_size
     epoch_size = len(train_set)
 
+    budget = trainlib.TimeBudget(cfg.max_minutes)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not master,
                dynamic_ncols=True)
     with trainlib.StopOnInterrupt() as interrupt:
@@ -319,20 +321,26 @@ def train(cfg: SAConfig, resume: str | None = None) -> Path | None:
             scaler.step(opt)
             scaler.update()
             done = step + 1
+            out_of_time = budget.expired(ddp.world_size, device)
+            last = done == cfg.steps or out_of_time
 
-            if master and (done % cfg.log_every == 0 or done == cfg.steps):
+            if master and (done % cfg.log_every == 0 or last):
                 loss_value = loss.item()
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_at(step, cfg):.1e}")
                 log.log(step=done, epoch=done * images_per_step / epoch_size, train_loss=loss_value,
                         lr=lr_at(step, cfg))
-            if master and (done % cfg.eval_every == 0 or done == cfg.steps):
+            if master and (done % cfg.eval_every == 0 or last):
                 val = evaluate_masks(model, val_set, cfg, device, limit=cfg.eval_images)
                 log.log(step=done, epoch=done * images_per_step / epoch_size, **val)
                 bar.write(f"step {done}: val loss {val['val_loss']:.4f}  FG-ARI {val['fg_ari']:.3f}  "
                           f"ARI {val['ari']:.3f}  mBO {val['mbo']:.3f} (first {cfg.eval_images} val images)")
                 trainlib.plot_loss_curves(log.records(), out / "loss_curves.png", title="Slot Attention + SBD")
-            if master and (done % cfg.ckpt_every == 0 or done == cfg.steps or interrupt.requested):
+            if master and (done % cfg.ckpt_every == 0 or last or interrupt.requested):
                 trainlib.save_checkpoint(checkpoint_state(model, opt, scaler, done, cfg), ckpt_path)
+            if out_of_time:
+                bar.write(f"--max-minutes {cfg.max_minutes} reached at step {done}; checkpoint {ckpt_path} "
+                          f"(continue with --resume {ckpt_path})")
+                break
             if interrupt.requested:
                 bar.close()
                 print(f"stopped at step {done}; checkpoint {ckpt_path}. Resume: python sa.py --resume {ckpt_path}")

@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,3 +209,19 @@ class StopOnInterrupt:
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self._previous)
         return False
+
+
+class TimeBudget:
+    """Ends training after `minutes` of wall time (0 = never), so a demo fits a fixed budget on any machine.
+    The step-decay/cosine schedules are functions of the step, so stopping early leaves them consistent."""
+
+    def __init__(self, minutes: float):
+        self.deadline = time.monotonic() + minutes * 60 if minutes > 0 else None
+
+    def expired(self, world_size: int = 1, device: torch.device | None = None) -> bool:
+        late = self.deadline is not None and time.monotonic() > self.deadline
+        if world_size > 1 and self.deadline is not None:  # every DDP rank must stop at the same step
+            flag = torch.tensor(float(late), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            late = bool(flag.item())
+        return late

@@ -148,3 +148,11 @@ def test_bad_arguments_give_one_clear_error(argv, needle, capsys, tmp_path, monk
         sa.main(argv + ["--compile", "0", "--steps", "1"])
     message = str(exc.value.code)
     assert message.startswith("error:") and needle in message
+
+
+def test_time_budget_checkpoints_and_stops_early(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ckpt = sa.train(tiny_cfg(out=str(tmp_path / "run"), steps=50, max_minutes=1e-9))
+    assert torch.load(ckpt, weights_only=False)["step"] == 1
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("fg_ari" in r for r in records)     # the last step still logs and evaluates
