@@ -1,0 +1,229 @@
+"""ONNX Runtime vs PyTorch for the two decoders that generate images, side by side in one run.
+
+    .venv/bin/python bench/bench_export.py [--batch 16] [--steps 20] [--rounds 3] [--threads N] [--device auto]
+
+1. DDPM sampling with slotdiff's cpu-preset UNet (random weights: speed does not depend on them): the PyTorch
+   sampler (slotdiff.Diffusion.sample) eager in fp32 and in bf16 autocast (how slotdiff.py samples), compiled
+   (torch.compile) in both, and export.ort_sample with the ddpm_step graph. Each variant runs a --steps chain;
+   images/s are extrapolated to the full 1000-step chain (every step costs the same: one UNet call + update).
+   With a GPU: PyTorch eager bf16, PyTorch with the whole step captured in a CUDA graph, ORT's CUDA provider with
+   I/O binding in fp32 and fp16, and the fraction of the GPU's measured bf16 matmul peak each reaches.
+2. Compositional-generation decode with sa.py's cpu-preset Spatial Broadcast Decoder: slots -> image.
+
+Timings on shared machines drift: variants are interleaved in rounds and the median is reported.
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import export  # noqa: E402
+import sa  # noqa: E402
+import slotdiff  # noqa: E402
+import trainlib  # noqa: E402
+import vae  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def cuda_graph_sampler(unet: torch.nn.Module, diffusion: slotdiff.Diffusion, slots: torch.Tensor, latent_shape):
+    """PyTorch's fastest GPU path: one whole DDPM step (export.DDPMStep: UNet + update, bf16 autocast) captured
+    once in a CUDA graph and replayed per step on static buffers; the noise is drawn as Diffusion.sample does."""
+    step = export.DDPMStep(unet)
+    x = torch.randn((len(slots), *latent_shape), device=slots.device)
+    t = torch.zeros(len(slots), dtype=torch.long, device=slots.device)
+    noise, coefs = torch.zeros_like(x), torch.zeros(3, device=slots.device)
+    # no autocast weight cache: cached casts made outside the graph would be freed while the graph still reads them
+    amp = torch.autocast("cuda", dtype=trainlib.amp_dtype(slots.device), cache_enabled=False)
+    with torch.no_grad(), amp:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream, as CUDA graph capture requires
+            for _ in range(2):
+                step(x, t, slots, noise, coefs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            x_prev = step(x, t, slots, noise, coefs)
+
+    def sample(steps: int, seed: int = 0) -> torch.Tensor:
+        ts, all_coefs = export.step_coefficients(diffusion, steps)
+        all_coefs = all_coefs.to(x.device)
+        generator = torch.Generator(slots.device).manual_seed(seed)
+        x.copy_(torch.randn(x.shape, generator=generator, device=x.device))
+        for i in range(steps):
+            t.fill_(int(ts[i]))
+            coefs.copy_(all_coefs[i])
+            if i < steps - 1:
+                torch.randn(x.shape, generator=generator, device=x.device, out=noise)
+            else:
+                noise.zero_()
+            graph.replay()
+            x.copy_(x_prev)
+        return x
+    return sample
+
+
+def run_rounds(variants: dict, rounds: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each variant, variants interleaved in every round."""
+    for fn in variants.values():  # warm-up: compilation, ORT session set-up, allocator growth
+        fn()
+    sync(device)
+    times = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def print_table(seconds: dict[str, float], images: int, flops_per_call: float, unit: str, peak: float | None,
+                scale: float = 1.0) -> None:
+    base = next(iter(seconds.values()))
+    for name, s in seconds.items():
+        rate = flops_per_call / s
+        peak_part = f"  {rate / peak:6.1%} of bf16 peak" if peak else ""
+        print(f"  {name:28s} {s * scale:9.2f} {unit}  {images / (s * scale):9.2f} img/s  {rate / 1e9:8.1f} GFLOP/s"
+              f"  {base / s:5.2f}x vs {next(iter(seconds))}{peak_part}")
+
+
+def bench_ddpm(args, device: torch.device, scratch: Path) -> None:
+    cfg = slotdiff.SDConfig(**slotdiff.PRESETS["cpu"])
+    torch.manual_seed(0)
+    model = slotdiff.SlotDiffusion(cfg).to(device).eval()
+    latent_size = cfg.resolution // vae.VAEConfig(ch_mult=vae.PRESETS["cpu"]["ch_mult"]).downsample
+    unet, diffusion, latent_shape = model.unet, model.diffusion, (3, latent_size, latent_size)
+    slots = torch.randn(args.batch, cfg.slots, cfg.slot_dim, device=device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        unet(torch.randn(args.batch, *latent_shape, device=device), torch.zeros(args.batch, dtype=torch.long,
+                                                                                 device=device), slots)
+    flops = counter.get_total_flops() * args.steps
+    print(f"DDPM sampling, slotdiff cpu-preset UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, "
+          f"latent {latent_shape}, K={cfg.slots}), batch {args.batch}, {args.steps}-step chains extrapolated to "
+          f"1000 steps; {counter.get_total_flops() / args.batch / 1e9:.3f} GFLOP per image per step")
+
+    start = time.perf_counter()
+    step_inputs = dict(x=torch.randn(2, *latent_shape), t=torch.zeros(2, dtype=torch.long),
+                       slots=slots[:2].cpu(), noise=torch.randn(2, *latent_shape), coefs=torch.ones(3))
+    graph = export.Graph("ddpm_step", export.DDPMStep(unet.cpu()), lambda batch: step_inputs, ["x_prev"], ("coefs",))
+    export.export_graph(graph, scratch / "ddpm_step.onnx", "onnx")
+    if device.type == "cuda":
+        export.export_graph(replace(graph, module=export.to_float16(graph.module)),
+                            scratch / "ddpm_step_fp16.onnx", "onnx")
+    unet.to(device)
+    print(f"  (ONNX export {time.perf_counter() - start:.0f} s)")
+
+    def torch_sampler(denoiser, amp: bool):
+        def run():
+            with torch.no_grad(), trainlib.autocast(device, amp):
+                diffusion.sample(denoiser, slots, latent_shape, steps=args.steps, progress=False)
+        return run
+
+    def ort_sampler(path: Path):
+        session = export.ort_session(path, device, args.threads)
+        return lambda: export.ort_sample(session, diffusion, slots, latent_shape, steps=args.steps, progress=False)
+
+    compiled = torch.compile(unet)
+    if device.type == "cuda":
+        graph_sample = cuda_graph_sampler(unet, diffusion, slots, latent_shape)
+        variants = {"torch eager bf16": torch_sampler(unet, True),
+                    "torch CUDA graph bf16": lambda: graph_sample(args.steps),
+                    "ORT CUDA fp32 (I/O binding)": ort_sampler(scratch / "ddpm_step.onnx"),
+                    "ORT CUDA fp16 (I/O binding)": ort_sampler(scratch / "ddpm_step_fp16.onnx")}
+    else:
+        variants = {"torch eager fp32": torch_sampler(unet, False), "torch eager bf16": torch_sampler(unet, True),
+                    "torch compiled fp32": torch_sampler(compiled, False),
+                    "torch compiled bf16": torch_sampler(compiled, True),
+                    "ORT CPU fp32": ort_sampler(scratch / "ddpm_step.onnx")}
+    start = time.perf_counter()
+    seconds = run_rounds(variants, args.rounds, device)
+    print(f"  (warm-up incl. compilation + {args.rounds} rounds: {time.perf_counter() - start:.0f} s)")
+    peak = matmul_peak(device, torch.bfloat16) if device.type == "cuda" else None
+    print_table(seconds, args.batch, flops, "s/1000 steps", peak, scale=1000 / args.steps)
+
+
+def bench_decoder(args, device: torch.device, scratch: Path) -> None:
+    cfg = sa.SAConfig(**sa.PRESETS["cpu"])
+    torch.manual_seed(0)
+    decoder = sa.SpatialBroadcastDecoder(cfg).eval()
+    batch = cfg.batch_size
+    slots = torch.randn(batch, cfg.slots, cfg.slot_dim)
+    graph = export.Graph("decoder", export.conv_transpose_as_conv(decoder), lambda b: dict(slots=slots[:b]),
+                         ["image", "masks", "rgb"])   # as export.export_checkpoint writes it
+    export.export_graph(graph, scratch / "decoder.onnx", "onnx")
+    decoder, slots = decoder.to(device), slots.to(device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        decoder(slots)
+    flops = counter.get_total_flops() * args.decode_iters
+    print(f"\nSpatial Broadcast Decoder, sa cpu preset ({cfg.resolution}px, K={cfg.slots}, {cfg.dec_channels} ch), "
+          f"batch {batch} scenes, {counter.get_total_flops() / batch / 1e9:.3f} GFLOP per image")
+    session = export.ort_session(scratch / "decoder.onnx", device, args.threads)
+    shape = (batch, 3, cfg.resolution, cfg.resolution)
+
+    def torch_decode(module, amp: bool):
+        def run():
+            with torch.no_grad(), trainlib.autocast(device, amp):
+                for _ in range(args.decode_iters):
+                    module(slots)
+        return run
+
+    def ort_decode():
+        for _ in range(args.decode_iters):
+            export.ort_decode(session, dict(slots=slots), "image", shape)
+
+    compiled = torch.compile(decoder)
+    variants = {"torch eager fp32": torch_decode(decoder, False), "torch eager bf16": torch_decode(decoder, True),
+                "torch compiled fp32": torch_decode(compiled, False),
+                "torch compiled bf16": torch_decode(compiled, True),
+                f"ORT {device.type.upper()} fp32": ort_decode}
+    seconds = run_rounds(variants, args.rounds, device)
+    peak = matmul_peak(device, torch.bfloat16) if device.type == "cuda" else None
+    print_table(seconds, batch, flops, "s/batch", peak, scale=1 / args.decode_iters)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, default=16, help="scenes sampled together")
+    p.add_argument("--steps", type=int, default=20, help="DDPM steps timed per round (extrapolated to 1000)")
+    p.add_argument("--decode-iters", type=int, default=3, help="decoder batches timed per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for torch and ORT alike")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--only", choices=["ddpm", "decoder"], help="run one of the two benchmarks")
+    args = p.parse_args()
+    device = trainlib.pick_device(args.device)
+    torch.set_num_threads(args.threads)
+    print(f"device {device}, {args.threads} threads for torch and ONNX Runtime, torch {torch.__version__}")
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.only in (None, "ddpm"):
+            bench_ddpm(args, device, Path(scratch))
+        if args.only in (None, "decoder"):
+            bench_decoder(args, device, Path(scratch))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,484 @@
+"""Export the trained decoders to ONNX / TorchScript / torch.export, and sample with ONNX Runtime.
+
+    python export.py --ckpt runs/sa/ckpt.pt --format onnx         # Spatial Broadcast Decoder: slots -> image, masks
+    python export.py --ckpt runs/slotdiff/ckpt.pt --format onnx   # UNet denoiser, one DDPM step, VAE decoder
+    python export.py --ckpt CKPT --format torchscript|pt2 [--fp16]
+    python export.py fid --ckpt runs/slotdiff/ckpt.pt             # compositional generation through ORT + FID
+    python export.py fid-sa --ckpt runs/sa/ckpt.pt
+
+Files land next to the checkpoint, named after it: runs/sa/ckpt_decoder.onnx, runs/slotdiff/ckpt_unet.onnx, ...
+Every graph has a dynamic batch dimension (K, the image and latent sizes are fixed by the checkpoint) and is
+checked after export against the PyTorch module on random inputs of another batch size (max abs diff printed).
+
+Choices, and why:
+  * ONNX comes from the dynamo exporter (torch.onnx.export(dynamo=True), opset 18). The legacy TorchScript-based
+    exporter is deprecated and gives a graph as fast under ORT but littered with Shape/Gather/Constant chains;
+    opset 23 would turn SDPA and GroupNorm into single Attention / GroupNormalization nodes, but ORT's CPU
+    provider expands GroupNormalization back into ~8 primitive ops and runs the graph ~25% slower than the
+    opset-18 InstanceNormalization form.
+  * ONNX files get the Spatial Broadcast Decoder's stride-1 transposed convolutions as the equivalent plain
+    convolutions (conv_transpose_as_conv): ORT's CPU ConvTranspose kernel hardly uses more than one thread.
+  * The VAE decoder graph includes the codebook quantisation (nearest code, then decode), exactly
+    vae.VQVAE.decode: the latents a sampler produces go in, an image in about [-1, 1] comes out.
+  * For the ORT sampler a second slotdiff graph, ddpm_step, holds one whole ancestral step (UNet + posterior
+    update): per step the host only draws the noise and binds tensors. Noise comes from torch, with the
+    generator and order of slotdiff.Diffusion.sample, so both samplers give the same images for a seed.
+  * --fp16 keeps float32 graph inputs and outputs and runs the network in fp16 inside (weights cast, a cast at
+    the entrance of every layer), so the sampler's 1000-step state and update stay fp32, as under autocast.
+    It is meant for GPUs; ORT's CPU provider runs fp16 graphs by casting most ops back to fp32, so the CPU
+    check only shows the graph is sound and its fp16 weights are close, not how fp16 arithmetic behaves.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import metrics
+import sa
+import slotdiff
+import trainlib
+from data import InputError, load_split, save_grid
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2"}
+OPSET = 18
+NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loading a checkpoint of either model
+
+def checkpoint_kind(state, path: str | Path) -> str:
+    """'sa' or 'slotdiff', from the config fields the training script stored in the checkpoint."""
+    config = state.get("config") if isinstance(state, dict) and "model" in state else None
+    if isinstance(config, dict):   # each config has a field the other lacks: the decoder's / the UNet's width
+        if "dec_channels" in config:
+            return "sa"
+        if "base_channels" in config:
+            return "slotdiff"
+    raise InputError(f"{path} is neither a sa.py nor a slotdiff.py checkpoint (no Slot Attention / SlotDiffusion "
+                     f"config in it); pass the ckpt.pt written by `python sa.py` or `python slotdiff.py`")
+
+
+def load_weights(model: nn.Module, state: dict, path: str | Path) -> None:
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        first = str(e).splitlines()[1:2] or [str(e)]
+        raise InputError(f"{path}: the weights do not match the config stored with them ({first[0].strip()}); "
+                         f"the file was edited or written by another version: retrain it") from None
+
+
+def load_config(config_class, config: dict, path: str | Path):
+    try:
+        return config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+    except TypeError as e:
+        raise InputError(f"{path} was written by another version of the training script ({e}); retrain it, or "
+                         f"export it with the version that wrote it") from None
+
+
+def load_sa(state: dict, path: str | Path) -> tuple[sa.SAConfig, sa.SlotAutoencoder]:
+    cfg = load_config(sa.SAConfig, state["config"], path)
+    model = sa.SlotAutoencoder(cfg)
+    load_weights(model, state, path)
+    return cfg, model.eval()
+
+
+def load_slotdiff(state: dict, path: str | Path, device: torch.device = torch.device("cpu")):
+    """Config, SlotDiffusion model and the frozen VQ-VAE it was trained on (checked by file hash, as slotdiff.py
+    does)."""
+    cfg = load_config(slotdiff.SDConfig, state["config"], path)
+    vqvae, vae_hash = slotdiff.load_frozen_vae(cfg, device)
+    if state.get("vae_hash") != vae_hash:
+        raise InputError(f"{path} was trained on the latents of another VAE than {cfg.vae}; put the VAE it was "
+                         f"trained with back at that path")
+    model = slotdiff.SlotDiffusion(cfg, vqvae.cfg.embed_dim)
+    load_weights(model, state, path)
+    return cfg, model.to(device).eval(), vqvae.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the graphs
+
+@dataclass
+class Graph:
+    """One module to export: its inputs for a batch size (dim 0 is the batch, except for `unbatched` inputs)."""
+    name: str
+    module: nn.Module
+    make_inputs: Callable[[int], dict[str, torch.Tensor]]
+    output_names: list[str]
+    unbatched: tuple[str, ...] = ()
+    decompose_attention: bool = False  # opset 18's SDPA translation takes 4D inputs only; the VAE's is 3D
+
+
+class DDPMStep(nn.Module):
+    """One ancestral step x_t -> x_{t-1} of slotdiff's sampler as one graph. The update is linear in
+    (x_t, eps, noise), so its per-step coefficients (c_x, c_eps, sigma) come in as an input."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, slots: torch.Tensor, noise: torch.Tensor,
+                coefs: torch.Tensor) -> torch.Tensor:
+        eps = self.unet(x, t, slots).float()
+        return coefs[0] * x - coefs[1] * eps + coefs[2] * noise
+
+
+class QuantizedDecoder(nn.Module):
+    """vae.VQVAE.decode as one graph: nearest codebook entries, post_quant_conv, Decoder. The codebook search
+    runs as a single chunk: VQVAE's default chunking is a Python loop whose length depends on the batch."""
+
+    def __init__(self, vqvae):
+        super().__init__()
+        self.vqvae = vqvae
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        b, d, h, w = latents.shape
+        indices = self.vqvae.quantize.nearest(latents.permute(0, 2, 3, 1).reshape(-1, d), chunk=2**62)
+        z_q = self.vqvae.quantize.embedding(indices).view(b, h, w, d).permute(0, 3, 1, 2)
+        return self.vqvae.decoder(self.vqvae.post_quant_conv(z_q))
+
+
+def to_float16(module: nn.Module) -> nn.Module:
+    """A copy of the module that computes in fp16 but takes and returns float32 tensors. Every layer with weights
+    casts its float inputs to fp16 first (tensors made inside the model, like the UNet's fp32 timestep embedding,
+    would otherwise meet fp16 weights); hooks, not a wrapper, so the forward signature stays the same."""
+    def inputs_to_half(layer, args):
+        return tuple(a.half() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    def outputs_to_float(module, args, out):
+        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+
+    module = copy.deepcopy(module).half()
+    for layer in module.modules():
+        if any(p.is_floating_point() for p in layer.parameters(recurse=False)):
+            layer.register_forward_pre_hook(inputs_to_half)
+    module.register_forward_hook(outputs_to_float)
+    return module
+
+
+def conv_transpose_as_conv(module: nn.Module) -> nn.Module:
+    """A copy in which every stride-1 ConvTranspose2d is the equivalent Conv2d (kernel flipped, in/out channels
+    swapped, padding k-1-p): the same function, but ORT's CPU ConvTranspose is a GEMM + col2im that barely uses a
+    second thread while its Conv has blocked multi-threaded kernels (the Spatial Broadcast Decoder's 5x5
+    full-resolution layer, most of its FLOPs, runs ~1.5x faster). Stride-2 layers are left as they are."""
+    module = copy.deepcopy(module)
+    for parent in list(module.modules()):
+        for name, layer in parent.named_children():
+            if (isinstance(layer, nn.ConvTranspose2d) and layer.stride == (1, 1) and layer.dilation == (1, 1)
+                    and layer.groups == 1 and layer.output_padding == (0, 0)):
+                (kh, kw), (ph, pw) = layer.kernel_size, layer.padding
+                conv = nn.Conv2d(layer.in_channels, layer.out_channels, (kh, kw), padding=(kh - 1 - ph, kw - 1 - pw),
+                                 bias=layer.bias is not None)
+                with torch.no_grad():
+                    conv.weight.copy_(layer.weight.transpose(0, 1).flip(2, 3))
+                    if layer.bias is not None:
+                        conv.bias.copy_(layer.bias)
+                setattr(parent, name, conv)
+    return module
+
+
+def sa_graphs(cfg: sa.SAConfig, model: sa.SlotAutoencoder) -> list[Graph]:
+    def inputs(batch: int) -> dict[str, torch.Tensor]:
+        return dict(slots=torch.randn(batch, cfg.slots, cfg.slot_dim))
+    return [Graph("decoder", model.decoder, inputs, ["image", "masks", "rgb"])]
+
+
+def slotdiff_graphs(cfg: slotdiff.SDConfig, model: slotdiff.SlotDiffusion, vqvae, with_step: bool) -> list[Graph]:
+    channels, size = vqvae.cfg.embed_dim, cfg.resolution // vqvae.cfg.downsample
+    middle = step_coefficients(model.diffusion, cfg.timesteps)[1][cfg.timesteps // 2]  # any real step's
+
+    def unet_inputs(batch: int) -> dict[str, torch.Tensor]:
+        return dict(x=torch.randn(batch, channels, size, size),
+                    t=torch.randint(0, cfg.timesteps, (batch,)),
+                    slots=torch.randn(batch, cfg.slots, cfg.slot_dim))
+
+    def step_inputs(batch: int) -> dict[str, torch.Tensor]:
+        return dict(**unet_inputs(batch), noise=torch.randn(batch, channels, size, size), coefs=middle)
+
+    def latents(batch: int) -> dict[str, torch.Tensor]:
+        return dict(latents=torch.randn(batch, channels, size, size))
+
+    graphs = [Graph("unet", model.unet, unet_inputs, ["eps"]),
+              Graph("vae_decoder", QuantizedDecoder(vqvae), latents, ["image"], decompose_attention=True)]
+    if with_step:
+        graphs.insert(1, Graph("ddpm_step", DDPMStep(model.unet), step_inputs, ["x_prev"], unbatched=("coefs",)))
+    return graphs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# export and check
+
+def export_graph(graph: Graph, path: Path, fmt: str) -> None:
+    inputs = graph.make_inputs(2)   # batch 2: torch.export specialises a dimension whose example size is 1
+    args = tuple(inputs.values())
+    if fmt == "torchscript":        # deprecated in torch 2.14 (it warns), kept because users ask for it
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.trace(graph.module, args, check_trace=False).save(str(path))
+        return
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    dynamic = tuple(None if name in graph.unbatched else {0: batch} for name in inputs)
+    program = torch.export.export(graph.module, args, dynamic_shapes=dynamic)
+    if fmt == "pt2":
+        torch.export.save(program, str(path))
+        return
+    if graph.decompose_attention:  # into matmul + softmax, as fast under ORT (but slower to export)
+        program = program.run_decompositions()
+    torch.onnx.export(program, args, str(path), dynamo=True, opset_version=OPSET, external_data=False,
+                      input_names=list(inputs), output_names=graph.output_names, verbose=False)
+
+
+def ort_session(path: str | Path, device: torch.device = torch.device("cpu"), threads: int | None = None):
+    """ORT session tuned for speed: all graph optimisations, one intra-op thread per core (or `threads`) on the
+    CPU; on CUDA it runs on torch's current stream, so torch and ORT kernels are ordered without host syncs."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    if device.type == "cuda":
+        ort.preload_dlls()  # the CUDA / cuDNN libraries of the nvidia-* wheels torch came with
+        stream = torch.cuda.current_stream(device).cuda_stream
+        cuda = dict(device_id=str(device.index or 0), user_compute_stream=str(stream))
+        providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+    else:
+        providers = ["CPUExecutionProvider"]
+    session = ort.InferenceSession(str(path), options, providers=providers)
+    if providers[0] != "CPUExecutionProvider" and session.get_providers()[0] != "CUDAExecutionProvider":
+        raise InputError(f"ONNX Runtime {ort.__version__} could not load its CUDA provider (see the warning above); "
+                         f"install the onnxruntime-gpu build for your CUDA version, or pass --device cpu")
+    return session
+
+
+def run_bound(session, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+    """One ORT run that reads `inputs` and writes into the preallocated, contiguous `outputs` in place, all torch
+    tensors on the session's device (I/O binding: no copy between host and GPU)."""
+    binding = session.io_binding()
+    inputs = {name: tensor.contiguous() for name, tensor in inputs.items()}  # referenced until the run is over
+    for bind, tensors in ((binding.bind_input, inputs), (binding.bind_output, outputs)):
+        for name, tensor in tensors.items():
+            bind(name, tensor.device.type, tensor.device.index or 0, NUMPY_DTYPES[tensor.dtype], tuple(tensor.shape),
+                 tensor.data_ptr())
+    session.run_with_iobinding(binding)
+
+
+def run_exported(path: Path, fmt: str, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    if fmt == "onnx":
+        session = ort_session(path)
+        return [torch.from_numpy(o) for o in session.run(None, {k: v.numpy() for k, v in inputs.items()})]
+    with warnings.catch_warnings():  # torch.jit.load warns that TorchScript is deprecated: we know
+        warnings.simplefilter("ignore")
+        module = torch.jit.load(str(path)) if fmt == "torchscript" else torch.export.load(str(path)).module()
+    with torch.no_grad():
+        out = module(*inputs.values())
+    return list(out) if isinstance(out, tuple) else [out]
+
+
+def check_export(graph: Graph, path: Path, fmt: str, reference: nn.Module, seed: int = 0) -> float:
+    """Max abs difference between the exported graph and the float32 PyTorch module on random inputs of batch 3
+    (not the export's 2: this also proves the batch is dynamic). ONNX files pass onnx.checker first."""
+    if fmt == "onnx":
+        import onnx
+        onnx.checker.check_model(str(path), full_check=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        inputs = graph.make_inputs(3)
+    with torch.no_grad():
+        expected = reference(*inputs.values())
+    expected = list(expected) if isinstance(expected, tuple) else [expected]
+    got = run_exported(path, fmt, inputs)
+    return max((g.float() - e.float()).abs().max().item() for g, e in zip(got, expected))
+
+
+def export_checkpoint(ckpt: str | Path, fmt: str = "onnx", fp16: bool = False,
+                      tolerance: float | None = None) -> dict[str, tuple[Path, float]]:
+    """Exports every graph of a sa.py or slotdiff.py checkpoint next to it; returns {name: (path, max abs diff)}.
+    Raises InputError when an export differs from PyTorch by more than `tolerance` (1e-3 fp32, 5e-2 fp16)."""
+    if fmt not in FORMATS:
+        raise InputError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    tolerance = tolerance if tolerance is not None else 5e-2 if fp16 else 1e-3
+    state = trainlib.load_checkpoint(ckpt)
+    kind = checkpoint_kind(state, ckpt)
+    if kind == "sa":
+        graphs = sa_graphs(*load_sa(state, ckpt))
+    else:
+        graphs = slotdiff_graphs(*load_slotdiff(state, ckpt), with_step=fmt == "onnx")
+    ckpt = Path(ckpt)
+    results = {}
+    for graph in graphs:
+        path = ckpt.with_name(f"{ckpt.stem}_{graph.name}{'_fp16' if fp16 else ''}{FORMATS[fmt]}")
+        start = time.perf_counter()
+        module = conv_transpose_as_conv(graph.module) if fmt == "onnx" else graph.module
+        exported = replace(graph, module=to_float16(module) if fp16 else module)
+        export_graph(exported, path, fmt)
+        diff = check_export(exported, path, fmt, graph.module)
+        print(f"{kind} {graph.name}: wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, "
+              f"{time.perf_counter() - start:.0f} s); max abs diff vs PyTorch fp32 {diff:.2e}", flush=True)
+        if not diff <= tolerance:
+            raise InputError(f"{path} differs from the PyTorch model by {diff:.2e} > {tolerance:.0e}; this is a bug "
+                             f"in the export (please report it), do not use the file")
+        results[graph.name] = (path, diff)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DDPM sampling with ONNX Runtime
+
+def step_coefficients(diffusion: slotdiff.Diffusion, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The timesteps (steps,) and update coefficients (steps, 3) float32 of slotdiff's sampler, in the order it
+    runs them (t = T-1 first). The chain is Diffusion.sample's; slotdiff.ddpm_step is linear in
+    (x_t, eps, noise), so its coefficients are its values at the unit vectors."""
+    ts = torch.linspace(0, diffusion.timesteps - 1, steps, dtype=torch.float64).round().long()
+    a_bar = diffusion._alphas_cumprod64[ts]
+    a_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), a_bar[:-1]])
+    coefs = [(slotdiff.ddpm_step(1.0, 0.0, a, ap, 0.0), -slotdiff.ddpm_step(0.0, 1.0, a, ap, 0.0),
+              slotdiff.ddpm_step(0.0, 0.0, a, ap, 1.0)) for a, ap in zip(a_bar.tolist(), a_bar_prev.tolist())]
+    return ts.flip(0), torch.tensor(coefs, dtype=torch.float32).flip(0)
+
+
+@torch.no_grad()
+def ort_sample(session, diffusion: slotdiff.Diffusion, slots: torch.Tensor, latent_shape: tuple[int, int, int],
+               seed: int = 0, steps: int | None = None, progress: bool = True) -> torch.Tensor:
+    """slotdiff.Diffusion.sample with the ddpm_step graph on ONNX Runtime: same chain, same noise for a seed.
+    Everything stays on the slots' device (CPU, or the GPU with the CUDA provider): the latents ping-pong between
+    two buffers that ORT reads and writes in place, and the noise is drawn there by torch."""
+    steps = steps or diffusion.timesteps
+    if not 1 <= steps <= diffusion.timesteps:
+        raise InputError(f"sampling steps must be in 1..{diffusion.timesteps}, got {steps}")
+    device, batch = slots.device, slots.shape[0]
+    ts, coefs = step_coefficients(diffusion, steps)
+    ts, coefs = ts.to(device)[:, None].expand(-1, batch).contiguous(), coefs.to(device)
+    generator = torch.Generator(device).manual_seed(seed)
+    x = torch.randn((batch, *latent_shape), generator=generator, device=device)
+    x_next, noise = torch.empty_like(x), torch.empty_like(x)
+    slots = slots.float().contiguous()
+    for i in tqdm(range(steps), desc="ddpm (onnxruntime)", disable=not progress, leave=False):
+        if i < steps - 1:   # as Diffusion.sample: no noise (and no draw from the generator) at the last step
+            torch.randn(x.shape, generator=generator, device=device, out=noise)
+        else:
+            noise.zero_()
+        run_bound(session, dict(x=x, t=ts[i], slots=slots, noise=noise, coefs=coefs[i]), dict(x_prev=x_next))
+        x, x_next = x_next, x
+    return x
+
+
+def ort_decode(session, inputs: dict[str, torch.Tensor], output: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """One output of a decoder graph, written by ORT into a torch tensor on the inputs' device."""
+    first = next(iter(inputs.values()))
+    out = torch.empty(shape, device=first.device)
+    run_bound(session, {k: v.float() for k, v in inputs.items()}, {output: out})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# compositional generation through the exported graphs + FID
+
+def onnx_file(ckpt: Path, name: str) -> Path:
+    """The checkpoint's ONNX graph, (re-)exported when it is missing or older than the checkpoint."""
+    path = ckpt.with_name(f"{ckpt.stem}_{name}.onnx")
+    if not path.exists() or path.stat().st_mtime < ckpt.stat().st_mtime:
+        export_checkpoint(ckpt, "onnx")
+    return path
+
+
+def require_checkpoint(ckpt: Path, kind: str, how_to_train: str) -> dict:
+    if not ckpt.is_file():
+        raise InputError(f"checkpoint {ckpt} does not exist; train it first: {how_to_train}, or pass --ckpt PATH")
+    state = trainlib.load_checkpoint(ckpt)
+    if checkpoint_kind(state, ckpt) != kind:
+        raise InputError(f"{ckpt} is not a {kind}.py checkpoint; `fid` is for slotdiff.py checkpoints and "
+                         f"`fid-sa` for sa.py ones")
+    return state
+
+
+def fid_sa(ckpt: Path, num_gen: int | None, device: torch.device) -> float:
+    state = require_checkpoint(ckpt, "sa", "`make demo` (or `python sa.py --preset cpu --out runs/sa`)")
+    cfg, model = load_sa(state, ckpt)
+    model.to(device)
+    session = ort_session(onnx_file(ckpt, "decoder"), device)
+    train_set = load_split(cfg.data, "train", cfg.resolution, cfg.num_train)
+    val_set = load_split(cfg.data, "val", cfg.resolution, cfg.num_val)
+    sa.check_resolution(val_set, cfg)
+    torch.manual_seed(cfg.seed)  # the Gaussian slot initialisation, as sa.evaluate
+    library = sa.slot_library(model.encoder, train_set, cfg.batch_size, device, cfg.amp)
+    slots = metrics.compose_slots(library, k=cfg.slots, n=num_gen or cfg.num_gen or len(val_set),
+                                  mode=cfg.comp_sample, seed=cfg.seed)
+    images = [sa.to_uint8(ort_decode(session, dict(slots=chunk.to(device)), "image",
+                                     (len(chunk), 3, cfg.resolution, cfg.resolution)))
+              for chunk in tqdm(slots.split(cfg.batch_size), desc="decode (onnxruntime)")]
+    return report_fid(np.concatenate(images), val_set.images, ckpt, device)
+
+
+def fid_slotdiff(ckpt: Path, num_gen: int | None, sample_steps: int | None, device: torch.device) -> float:
+    state = require_checkpoint(ckpt, "slotdiff", "`python slotdiff.py --preset cpu --out runs/slotdiff`")
+    cfg, model, vqvae = load_slotdiff(state, ckpt, device)
+    step_session = ort_session(onnx_file(ckpt, "ddpm_step"), device)
+    decoder_session = ort_session(onnx_file(ckpt, "vae_decoder"), device)
+    train_set = load_split(cfg.data, "train", cfg.resolution, cfg.num_train)
+    val_set = load_split(cfg.data, "val", cfg.resolution, cfg.num_val)
+    sa.check_resolution(val_set, cfg)
+    torch.manual_seed(cfg.seed)
+    library = sa.slot_library(model.encoder, train_set, cfg.batch_size, device, cfg.amp)
+    slots = metrics.compose_slots(library, k=cfg.slots, n=num_gen or cfg.num_gen or len(val_set),
+                                  mode=cfg.comp_sample, seed=cfg.seed)
+    size = cfg.resolution // vqvae.cfg.downsample
+    images = []
+    for i, chunk in enumerate(tqdm(slots.split(cfg.sample_batch), desc="compositional generation (onnxruntime)")):
+        z = ort_sample(step_session, model.diffusion, chunk.to(device), (vqvae.cfg.embed_dim, size, size),
+                       seed=cfg.seed + i, steps=sample_steps or cfg.sample_steps)  # the seeds slotdiff.generate uses
+        images.append(sa.to_uint8(ort_decode(decoder_session, dict(latents=z), "image",
+                                             (len(chunk), 3, cfg.resolution, cfg.resolution))))
+    return report_fid(np.concatenate(images), val_set.images, ckpt, device)
+
+
+def report_fid(generated: np.ndarray, real: np.ndarray, ckpt: Path, device: torch.device) -> float:
+    grid = ckpt.with_name(f"{ckpt.stem}_comp_grid_onnx.png")
+    save_grid(generated[:64], str(grid), nrow=8)
+    score = metrics.fid(real, generated, device=str(device))
+    print(f"compositional FID through ONNX Runtime ({len(generated)} generated vs {len(real)} val images): "
+          f"{score:.2f}\nwrote {grid}")
+    return score
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in ("export", "fid", "fid-sa") else "export"
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    default_ckpt = {"export": None, "fid": f"{slotdiff.SDConfig.out}/ckpt.pt", "fid-sa": f"{sa.SAConfig.out}/ckpt.pt"}
+    p.add_argument("--ckpt", default=default_ckpt[command], help="a checkpoint written by sa.py or slotdiff.py")
+    p.add_argument("--format", choices=sorted(FORMATS), default="onnx", help="export: the file format")
+    p.add_argument("--fp16", action="store_true", help="export: fp16 network inside float32 inputs/outputs (GPU)")
+    p.add_argument("--num-gen", type=int, help="fid: images to generate (default: as many as val images)")
+    p.add_argument("--sample-steps", type=int, help="fid: a respaced DDPM chain of this many steps (default: all T)")
+    p.add_argument("--device", default="auto", help="fid: where the encoder and ONNX Runtime run")
+    args = p.parse_args(argv)
+    try:
+        if not args.ckpt:
+            raise InputError("export needs --ckpt PATH (e.g. runs/sa/ckpt.pt or runs/slotdiff/ckpt.pt)")
+        if command == "export":
+            export_checkpoint(args.ckpt, args.format, args.fp16)
+        elif command == "fid":
+            fid_slotdiff(Path(args.ckpt), args.num_gen, args.sample_steps, trainlib.pick_device(args.device))
+        else:
+            fid_sa(Path(args.ckpt), args.num_gen, trainlib.pick_device(args.device))
+    except InputError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

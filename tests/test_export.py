@@ -1,0 +1,205 @@
+"""Export of tiny sa.py / slotdiff.py checkpoints to every format, checked against the PyTorch modules and against
+closed forms; the ONNX Runtime DDPM sampler against slotdiff's; clear errors for bad checkpoints."""
+import math
+from dataclasses import asdict
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import export
+import sa
+import slotdiff
+import trainlib
+import vae
+from data import InputError
+
+
+def randomise_zero_inits(module: torch.nn.Module, seed: int = 0) -> None:
+    """Fresh UNets output exactly zero (zero-initialised last layers); random weights make the checks non-trivial."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.abs().max() == 0:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """Tiny checkpoints with the dict layout the training scripts write (sa.checkpoint_state and
+    slotdiff.checkpoint_state without the optimiser state, which export never reads)."""
+    folder = tmp_path_factory.mktemp("ckpts")
+    torch.manual_seed(0)
+    sa_cfg = sa.SAConfig(resolution=16, broadcast_size=8, slots=3, slot_dim=8, slot_mlp_hidden=16, enc_channels=8,
+                         dec_channels=8)
+    trainlib.save_checkpoint(dict(model=sa.SlotAutoencoder(sa_cfg).state_dict(), step=1, config=asdict(sa_cfg)),
+                             folder / "sa.pt")
+    vae_cfg = vae.VAEConfig(ch=32, ch_mult=(1,), num_res_blocks=1, n_embed=16)
+    trainlib.save_checkpoint(dict(model=vae.VQVAE(vae_cfg).state_dict(), config=asdict(vae_cfg), step=1),
+                             folder / "vae.pt")
+    sd_cfg = slotdiff.SDConfig(resolution=8, slots=3, slot_dim=8, slot_mlp_hidden=16, enc_channels=8,
+                               vae=str(folder / "vae.pt"), base_channels=16, channel_mult=(1,), num_res_blocks=1,
+                               head_dim=8, dropout=0.0)
+    model = slotdiff.SlotDiffusion(sd_cfg, vae_cfg.embed_dim)
+    randomise_zero_inits(model)
+    trainlib.save_checkpoint(dict(model=model.state_dict(), step=1, config=asdict(sd_cfg),
+                                  vae_hash=slotdiff.file_hash(folder / "vae.pt")), folder / "sd.pt")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sd_onnx(ckpts):
+    return export.export_checkpoint(ckpts / "sd.pt", "onnx")
+
+
+def loaded_slotdiff(ckpts):
+    return export.load_slotdiff(trainlib.load_checkpoint(ckpts / "sd.pt"), ckpts / "sd.pt")
+
+
+def session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# export: every format, checked against the PyTorch modules at a batch size the export never saw
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "pt2"])
+def test_sa_decoder_exports_and_matches_pytorch(ckpts, fmt):
+    results = export.export_checkpoint(ckpts / "sa.pt", fmt)
+    path, diff = results["decoder"]
+    assert set(results) == {"decoder"} and path == ckpts / f"sa_decoder{export.FORMATS[fmt]}" and diff <= 1e-5
+    _, model = export.load_sa(trainlib.load_checkpoint(ckpts / "sa.pt"), "sa.pt")
+    slots = torch.randn(5, 3, 8)
+    with torch.no_grad():
+        expected = model.decoder(slots)
+    got = export.run_exported(path, fmt, dict(slots=slots))
+    assert [tuple(g.shape) for g in got] == [(5, 3, 16, 16), (5, 3, 1, 16, 16), (5, 3, 3, 16, 16)]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1].sum(1), torch.ones(5, 1, 16, 16))  # masks are a softmax over the slots
+    if fmt == "onnx":
+        graph = onnx.load(str(path))
+        onnx.checker.check_model(graph, full_check=True)
+        assert graph.opset_import[0].version == export.OPSET
+        assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a symbolic, dynamic batch
+
+
+def test_slotdiff_onnx_unet_and_vae_decoder_match_pytorch(ckpts, sd_onnx):
+    assert set(sd_onnx) == {"unet", "ddpm_step", "vae_decoder"}
+    assert all(diff <= 1e-4 for _, diff in sd_onnx.values())
+    cfg, model, vqvae = loaded_slotdiff(ckpts)
+    x, t, slots = torch.randn(4, 3, 8, 8), torch.tensor([0, 10, 500, 999]), torch.randn(4, 3, 8)
+    (eps,) = session(sd_onnx["unet"][0]).run(None, dict(x=x.numpy(), t=t.numpy(), slots=slots.numpy()))
+    with torch.no_grad():
+        expected = model.unet(x, t, slots)
+    assert expected.abs().max() > 0.1  # a non-trivial network
+    np.testing.assert_allclose(eps, expected.numpy(), atol=1e-4, rtol=1e-4)
+    # the decoder graph includes the quantisation: it must equal VQVAE.decode (chunked codebook search) itself
+    latents = torch.randn(4, 3, 8, 8)
+    (image,) = session(sd_onnx["vae_decoder"][0]).run(None, dict(latents=latents.numpy()))
+    with torch.no_grad():
+        np.testing.assert_allclose(image, vqvae.decode(latents).numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_ddpm_step_graph_is_algorithm_2_of_ho_et_al(ckpts, sd_onnx):
+    """x_{t-1} = (x_t - beta_t / sqrt(1 - a_bar_t) eps) / sqrt(alpha_t) + sigma_t z, computed here in float64 from
+    the betas of the linear schedule, with sigma_t^2 = (1 - a_bar_{t-1}) / (1 - a_bar_t) beta_t."""
+    cfg, model, _ = loaded_slotdiff(ckpts)
+    betas = np.linspace(cfg.beta_start, cfg.beta_end, cfg.timesteps)
+    a_bars = np.cumprod(1 - betas)
+    ts, coefs = export.step_coefficients(model.diffusion, cfg.timesteps)
+    step = session(sd_onnx["ddpm_step"][0])
+    for i in (0, 500, cfg.timesteps - 1):   # the first step run (t = T-1), one in the middle, the last (t = 0)
+        t = int(ts[i])
+        assert t == cfg.timesteps - 1 - i
+        x, z, slots = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8)
+        with torch.no_grad():
+            eps = model.unet(x, torch.full((2,), t), slots).double().numpy()
+        a_bar, a_bar_prev, beta = a_bars[t], a_bars[t - 1] if t > 0 else 1.0, betas[t]
+        sigma = math.sqrt((1 - a_bar_prev) / (1 - a_bar) * beta)
+        expected = ((x.double().numpy() - beta / math.sqrt(1 - a_bar) * eps) / math.sqrt(1 - beta)
+                    + sigma * z.double().numpy())
+        (got,) = step.run(None, dict(x=x.numpy(), t=np.full(2, t), slots=slots.numpy(), noise=z.numpy(),
+                                     coefs=coefs[i].numpy()))
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+    assert coefs[-1, 2] == 0  # the last step adds no noise
+
+
+def test_ort_sampler_equals_pytorch_sampler_for_the_same_seed(ckpts, sd_onnx):
+    cfg, model, _ = loaded_slotdiff(ckpts)
+    step = export.ort_session(sd_onnx["ddpm_step"][0])
+    slots = torch.randn(3, 3, 8)
+    expected = model.diffusion.sample(model.unet, slots, (3, 8, 8), seed=7, steps=5, progress=False)
+    got = export.ort_sample(step, model.diffusion, slots, (3, 8, 8), seed=7, steps=5, progress=False)
+    torch.testing.assert_close(got, expected, atol=1e-4 * expected.abs().max().item(), rtol=1e-4)
+    other_seed = export.ort_sample(step, model.diffusion, slots, (3, 8, 8), seed=8, steps=5, progress=False)
+    assert (other_seed - got).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "pt2"])
+def test_slotdiff_torch_formats_match_pytorch(ckpts, fmt):
+    results = export.export_checkpoint(ckpts / "sd.pt", fmt)
+    assert set(results) == {"unet", "vae_decoder"}   # the one-step graph is for the ORT sampler only
+    _, model, vqvae = loaded_slotdiff(ckpts)
+    x, t, slots = torch.randn(5, 3, 8, 8), torch.randint(0, 1000, (5,)), torch.randn(5, 3, 8)
+    with torch.no_grad():
+        (eps,) = export.run_exported(results["unet"][0], fmt, dict(x=x, t=t, slots=slots))
+        torch.testing.assert_close(eps, model.unet(x, t, slots), atol=1e-5, rtol=1e-5)
+        (image,) = export.run_exported(results["vae_decoder"][0], fmt, dict(latents=x))
+        torch.testing.assert_close(image, vqvae.decode(x), atol=1e-4, rtol=1e-4)
+
+
+def test_fp16_export_keeps_float32_interface_and_stays_close(ckpts):
+    """Loosely: ORT's CPU provider computes most fp16 ops in fp32, so this checks the graph and its fp16 weights."""
+    path, diff = export.export_checkpoint(ckpts / "sa.pt", "onnx", fp16=True)["decoder"]
+    assert path.name == "sa_decoder_fp16.onnx" and diff < 5e-2
+    graph = onnx.load(str(path))
+    assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    weights = [w for w in graph.graph.initializer if w.name.endswith("weight")]
+    assert weights and all(w.data_type == onnx.TensorProto.FLOAT16 for w in weights)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bad input
+
+def test_missing_or_foreign_checkpoint_is_a_clear_input_error(ckpts, tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        export.export_checkpoint(tmp_path / "nope.pt")
+    with pytest.raises(InputError, match="neither a sa.py nor a slotdiff.py checkpoint"):
+        export.export_checkpoint(ckpts / "vae.pt")   # a real checkpoint, but of the VQ-VAE
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="unreadable"):
+        export.export_checkpoint(tmp_path / "corrupt.pt")
+    with pytest.raises(InputError, match="--format"):
+        export.export_checkpoint(ckpts / "sa.pt", "tflite")
+
+
+def test_weights_that_do_not_fit_the_config_are_an_input_error(ckpts, tmp_path):
+    state = trainlib.load_checkpoint(ckpts / "sa.pt")
+    state["config"]["dec_channels"] = 16
+    trainlib.save_checkpoint(state, tmp_path / "edited.pt")
+    with pytest.raises(InputError, match="do not match the config"):
+        export.export_checkpoint(tmp_path / "edited.pt")
+
+
+def test_cli_reports_errors_without_traceback(ckpts, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        export.main(["--ckpt", str(tmp_path / "nope.pt")])
+    assert str(exit_info.value.code).startswith("error: checkpoint") and "does not exist" in str(exit_info.value.code)
+    with pytest.raises(SystemExit) as exit_info:
+        export.main(["fid-sa", "--ckpt", str(ckpts / "sd.pt")])
+    assert "not a sa.py checkpoint" in str(exit_info.value.code)
+
+
+def test_conv_transpose_rewrite_is_the_same_function():
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.ConvTranspose2d(4, 6, 5, padding=2), torch.nn.ReLU(),
+                                 torch.nn.ConvTranspose2d(6, 3, (3, 5), padding=(1, 1)),
+                                 torch.nn.ConvTranspose2d(3, 2, 5, stride=2, padding=2, output_padding=1))
+    rewritten = export.conv_transpose_as_conv(layers)
+    assert [type(m).__name__ for m in rewritten] == ["Conv2d", "ReLU", "Conv2d", "ConvTranspose2d"]
+    x = torch.randn(2, 4, 7, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(rewritten(x), layers(x), atol=1e-5, rtol=1e-5)
