@@ -1,0 +1,760 @@
+"""SlotDiffusion (Wu et al., NeurIPS 2023) in one file: Slot Attention slots condition a latent diffusion model
+(a UNet denoising the latents of a frozen VQ-VAE; the slots enter through cross-attention). Encoder and UNet
+are trained jointly by the denoising loss alone.
+
+    python slotdiff.py --preset cpu                       # VQ-VAE (trained once, cached), SlotDiffusion, evaluation
+    python slotdiff.py --preset paper --vae vae_checkpoint.pth --data PATH
+    python slotdiff.py eval --ckpt runs/slotdiff/ckpt.pt  # ARI, FG-ARI, mBO, reconstructions, compositional FID
+    torchrun --nproc_per_node 8 slotdiff.py ...           # DDP, one process per GPU
+
+Reads top to bottom: config, forward process, UNet, DDPM sampler, model, training loop, evaluation, CLI.
+The slot encoder is sa.py's (imported, not copied), with sa.py's settings for the same preset.
+
+Two differences from the reference implementation, both pure speed-ups with identical maths:
+  * the frozen VQ-VAE encodes every image once per dataset (cached on disk), not on every training batch;
+  * the sampler works on continuous latents for all T steps and quantises once, inside the VAE decode,
+    instead of re-quantising against the codebook at every step.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import re
+import sys
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import metrics
+import trainlib
+import vae
+from data import InputError, Scenes, batch_indices, colorize_masks, get_batch, iterate_batches, load_split, save_grid
+from sa import PRESETS as SA_PRESETS
+from sa import SAConfig, SlotEncoder, check_resolution, slot_library, to_uint8
+
+
+# ----------------------------------------------------------------------------------------------------------
+# config
+
+@dataclass
+class SDConfig:
+    # data
+    data: str = "synthetic"        # "synthetic" (embedded generator) or a dataset folder
+    resolution: int = 128
+    num_train: int | None = None   # synthetic only: scenes to generate (None = data.py's default)
+    num_val: int | None = None
+    # slot encoder: sa.py's SlotEncoder, with sa.py's defaults (and sa.py's values for the same preset)
+    slots: int = SAConfig.slots
+    iters: int = SAConfig.iters
+    slot_dim: int = SAConfig.slot_dim
+    slot_mlp_hidden: int = SAConfig.slot_mlp_hidden
+    slot_init: str = SAConfig.slot_init
+    enc_channels: int = SAConfig.enc_channels
+    # the frozen VQ-VAE whose latents are denoised: a checkpoint, or None = train one here once (cached)
+    vae: str | None = None
+    # UNet
+    base_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 3, 4)
+    num_res_blocks: int = 2        # per level going down; going up there is one more, for the down-sampler's skip
+    head_dim: int = 32
+    dropout: float = 0.1
+    # diffusion
+    timesteps: int = 1000
+    beta_start: float = 0.0015
+    beta_end: float = 0.0195
+    beta_schedule: str = "linear"  # "linear" (as the assignment states) or "scaled_linear" (what LDM calls linear)
+    sample_steps: int | None = None  # tests/debugging only: a respaced chain of this many steps (None = all T)
+    sample_batch: int = 64         # latents denoised together when sampling
+    # optimisation (SlotDiffusion: Adam, batch 64, lr 1e-4 encoder / 2e-4 UNet, 5% warm-up + cosine, clip 1)
+    batch_size: int = 64
+    lr: float = 1e-4               # slot encoder
+    unet_lr: float = 2e-4
+    warmup: int = 12_500
+    steps: int = 250_000
+    grad_clip: float = 1.0         # 0 = off
+    # system
+    device: str = "auto"
+    compile: bool = True
+    amp: bool = True
+    seed: int = 0
+    out: str = "runs/slotdiff"
+    log_every: int = 50
+    eval_every: int = 2_000
+    eval_images: int = 256         # val images used for the periodic val loss / FG-ARI during training
+    ckpt_every: int = 1_000
+    # evaluation
+    num_recon: int = 8             # val images reconstructed (slots -> DDPM -> VAE decode) for the picture + MSE
+    comp_sample: str = "member"    # compositional generation: "member" (a random cluster member) or "gaussian"
+    num_gen: int | None = None     # images to generate for FID (None = size of the val split)
+
+
+ENCODER_FIELDS = ("resolution", "slots", "iters", "slot_dim", "slot_mlp_hidden", "slot_init", "enc_channels")
+
+
+def sa_preset_values(preset: str) -> dict:
+    """sa.py's values for the data and slot-encoder settings: both scripts see the same scenes and encoder."""
+    return {k: v for k, v in SA_PRESETS[preset].items() if k in ENCODER_FIELDS + ("num_train", "num_val")}
+
+
+PRESETS = {
+    # the paper's CLEVR setting: 128x128 images, VQ-VAE latent 3x32x32, UNet levels 32/16/8/4 with slot attention
+    # at 16/8/4 (the reference CLEVRTex config widens the UNet to 128 channels)
+    "paper": dict(**sa_preset_values("paper"), base_channels=64, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
+                  head_dim=32, dropout=0.1, batch_size=64, warmup=12_500, steps=250_000),
+    # a 2-core CPU: 64x64 images, latent 3x16x16, UNet levels 16/8/4, one ResBlock per level going down
+    "cpu": dict(**sa_preset_values("cpu"), base_channels=32, channel_mult=(1, 2, 3), num_res_blocks=1,
+                head_dim=32, dropout=0.0, batch_size=32, lr=2e-4, unet_lr=4e-4, warmup=100, steps=1_500,
+                log_every=25, eval_every=500, eval_images=128, ckpt_every=250, sample_batch=128),
+}
+
+
+def encoder_config(cfg: SDConfig) -> SAConfig:
+    return SAConfig(**{name: getattr(cfg, name) for name in ENCODER_FIELDS})
+
+
+def validate(cfg: SDConfig) -> None:
+    """Catch impossible settings here, with the fix, instead of as a shape error deep inside torch."""
+    if cfg.slots < 1:
+        raise InputError(f"--slots {cfg.slots}: need at least 1 slot (the paper uses 11 for CLEVR10)")
+    if cfg.iters < 1:
+        raise InputError(f"--iters {cfg.iters}: Slot Attention needs at least 1 iteration (paper: 3)")
+    if cfg.slot_init not in ("gaussian", "learned"):
+        raise InputError(f"--slot-init {cfg.slot_init!r}: choose 'gaussian' or 'learned'")
+    if cfg.comp_sample not in ("member", "gaussian"):
+        raise InputError(f"--comp-sample {cfg.comp_sample!r}: choose 'member' or 'gaussian'")
+    if cfg.batch_size < 1 or cfg.steps < 0 or cfg.sample_batch < 1:
+        raise InputError("--batch-size and --sample-batch must be >= 1 and --steps >= 0")
+    if cfg.sample_steps is not None and not 1 <= cfg.sample_steps <= cfg.timesteps:
+        raise InputError(f"--sample-steps {cfg.sample_steps} must be in 1..{cfg.timesteps} (or unset for all T)")
+    widths = sorted({cfg.base_channels * m for m in cfg.channel_mult[1:] + cfg.channel_mult[-1:]})  # with attention
+    if any(w % cfg.head_dim for w in widths):
+        raise InputError(f"UNet widths {widths} (--base-channels x --channel-mult) must be multiples of "
+                         f"--head-dim {cfg.head_dim}; change one of them")
+    make_betas(cfg.beta_schedule, cfg.beta_start, cfg.beta_end, cfg.timesteps)  # raises for unknown schedules
+
+
+# ----------------------------------------------------------------------------------------------------------
+# forward process q(x_t | x_0) = N(sqrt(a_bar_t) x_0, (1 - a_bar_t) I)
+
+def make_betas(schedule: str, beta_start: float, beta_end: float, timesteps: int) -> torch.Tensor:
+    """float64 betas. "scaled_linear" is linear in sqrt(beta): the schedule LDM and SlotDiffusion ship as "linear"."""
+    if schedule == "linear":
+        return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+    if schedule == "scaled_linear":
+        return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, timesteps, dtype=torch.float64) ** 2
+    raise InputError(f"unknown beta schedule {schedule!r}; use --beta-schedule linear or scaled_linear")
+
+
+class Diffusion(nn.Module):
+    """Noise schedule (as buffers, so it follows .to(device)), training loss and the DDPM sampler."""
+
+    def __init__(self, cfg: SDConfig):
+        super().__init__()
+        betas = make_betas(cfg.beta_schedule, cfg.beta_start, cfg.beta_end, cfg.timesteps)
+        alphas_cumprod = torch.cumprod(1 - betas, dim=0)  # float64: 1000 products lose digits in float32
+        self.timesteps = cfg.timesteps
+        self.register_buffer("betas", betas.float(), persistent=False)
+        self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
+        self.register_buffer("sqrt_alphas_cumprod", alphas_cumprod.sqrt().float(), persistent=False)
+        self.register_buffer("sqrt_one_minus_alphas_cumprod", (1 - alphas_cumprod).sqrt().float(), persistent=False)
+        self._alphas_cumprod64 = alphas_cumprod  # the sampler derives its coefficients from these
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return (self.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1) * x0
+                + self.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1) * noise)
+
+    def loss(self, unet: nn.Module, x0: torch.Tensor, slots: torch.Tensor,
+             t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Epsilon-prediction MSE (Ho et al. 2020, L_simple). Pass t and noise to evaluate at fixed points."""
+        if t is None:
+            t = torch.randint(0, self.timesteps, (x0.shape[0],), device=x0.device)
+        if noise is None:
+            noise = torch.randn_like(x0)
+        return F.mse_loss(unet(self.q_sample(x0, t, noise), t, slots).float(), noise)
+
+    @torch.no_grad()
+    def sample(self, unet: nn.Module, slots: torch.Tensor, latent_shape: tuple[int, int, int],
+               seed: int = 0, steps: int | None = None, progress: bool = True) -> torch.Tensor:
+        """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) of one latent per slot set, all T steps.
+
+        `steps` < T (for tests only) runs the same chain on an evenly spaced subset of timesteps, with the
+        betas re-derived from a_bar so the sub-chain has the same marginals; steps == T is the plain chain.
+        """
+        steps = steps or self.timesteps
+        if not 1 <= steps <= self.timesteps:
+            raise InputError(f"sampling steps must be in 1..{self.timesteps}, got {steps}")
+        ts = torch.linspace(0, self.timesteps - 1, steps, dtype=torch.float64).round().long()
+        a_bar = self._alphas_cumprod64[ts]
+        a_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), a_bar[:-1]])
+        generator = torch.Generator(slots.device).manual_seed(seed)
+        x = torch.randn((slots.shape[0], *latent_shape), generator=generator, device=slots.device)
+        for i in tqdm(reversed(range(steps)), total=steps, desc="ddpm", disable=not progress, leave=False):
+            t = torch.full((x.shape[0],), int(ts[i]), device=x.device, dtype=torch.long)
+            eps = unet(x, t, slots).float()
+            noise = torch.randn(x.shape, generator=generator, device=x.device) if i > 0 else torch.zeros_like(x)
+            x = ddpm_step(x, eps, float(a_bar[i]), float(a_bar_prev[i]), noise)
+        return x
+
+
+def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, a_bar: float, a_bar_prev: float,
+              noise: torch.Tensor) -> torch.Tensor:
+    """x_{t-1} = (x_t - beta_t / sqrt(1 - a_bar_t) * eps) / sqrt(alpha_t) + sigma_t * z, with the posterior
+    variance sigma_t^2 = beta-tilde_t = (1 - a_bar_{t-1}) / (1 - a_bar_t) * beta_t ("fixed small", as LDM): it is
+    exactly 0 at the last step, so the final latent carries no added noise."""
+    alpha = a_bar / a_bar_prev
+    beta = 1 - alpha
+    sigma = math.sqrt((1 - a_bar_prev) / (1 - a_bar) * beta)
+    return (x_t - beta / math.sqrt(1 - a_bar) * eps) / math.sqrt(alpha) + sigma * noise
+
+
+# ----------------------------------------------------------------------------------------------------------
+# UNet: ResBlocks with a timestep embedding; Transformer blocks cross-attend to the slots
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with up to 32 groups (as LDM) but at least 4 channels per group: with 1-2 channels a group is
+    InstanceNorm, which erases each channel's mean (the colour bias SlotDiffusion reports at small widths)."""
+    groups = max((g for g in range(1, 33) if channels % g == 0 and channels // g >= 4), default=1)
+    return nn.GroupNorm(groups, channels)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps (Vaswani et al.), periods from 2*pi to 10000*2*pi."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Zero the last layer of a residual branch so a fresh block is the identity (stable start, as LDM)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """GN-SiLU-conv, + timestep projection, GN-SiLU-dropout-conv, + skip. resample="down"/"up" resamples by 2
+    (average pooling / nearest) before the first conv, on both the residual and the skip path."""
+
+    def __init__(self, in_ch: int, out_ch: int, time_dim: int, dropout: float = 0.0, resample: str | None = None):
+        super().__init__()
+        self.resample = {None: nn.Identity(), "down": nn.AvgPool2d(2), "up": nn.Upsample(scale_factor=2.0)}[resample]
+        self.norm1 = group_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time_proj = nn.Linear(time_dim, out_ch)
+        self.norm2 = group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.resample(F.silu(self.norm1(x))))
+        h = h + self.time_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(self.resample(x)) + h
+
+
+class Attention(nn.Module):
+    """Multi-head attention of tokens (B,N,dim) to a context (B,M,context_dim): self-attention when context is x."""
+
+    def __init__(self, dim: int, context_dim: int, head_dim: int):
+        super().__init__()
+        if dim % head_dim:
+            raise InputError(f"UNet width {dim} is not a multiple of head_dim {head_dim}; pick channels that are")
+        self.heads = dim // head_dim
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(context_dim, 2 * dim, bias=False)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        q = self.to_q(x)
+        k, v = self.to_kv(context).chunk(2, dim=-1)
+        q, k, v = (z.unflatten(-1, (self.heads, -1)).transpose(1, 2) for z in (q, k, v))
+        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+class GEGLU(nn.Module):
+    """Feed-forward with a GELU-gated hidden layer (Shazeer 2020), 4x wide, as in LDM's transformer."""
+
+    def __init__(self, dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.proj_in = nn.Linear(dim, 8 * dim)
+        self.dropout = nn.Dropout(dropout)
+        self.proj_out = nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj_in(x).chunk(2, dim=-1)
+        return self.proj_out(self.dropout(value * F.gelu(gate)))
+
+
+class SlotTransformer(nn.Module):
+    """Feature-map tokens: self-attention, cross-attention to the slots (the only path by which slots reach the
+    image), feed-forward; pre-LayerNorm residuals. The zero-initialised 1x1 out-projection makes it the identity
+    at initialisation."""
+
+    def __init__(self, channels: int, slot_dim: int, head_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.norm_self, self.self_attn = nn.LayerNorm(channels), Attention(channels, channels, head_dim)
+        self.norm_cross, self.cross_attn = nn.LayerNorm(channels), Attention(channels, slot_dim, head_dim)
+        self.norm_ff, self.ff = nn.LayerNorm(channels), GEGLU(channels, dropout)
+        self.proj_out = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # (B, H*W, C)
+        hn = self.norm_self(h)
+        h = h + self.self_attn(hn, hn)
+        h = h + self.cross_attn(self.norm_cross(h), slots)
+        h = h + self.ff(self.norm_ff(h))
+        return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
+
+
+class UNetLayer(nn.ModuleList):
+    """A run of ResBlocks (which read the timestep) and SlotTransformers (which read the slots)."""
+
+    def forward(self, h: torch.Tensor, temb: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        for block in self:
+            h = block(h, temb) if isinstance(block, ResBlock) else block(h, slots)
+        return h
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t, slots) on the latent. Levels of num_res_blocks ResBlocks (each followed by a
+    SlotTransformer except at full resolution) joined by down-sampling ResBlocks; a middle of
+    ResBlock-SlotTransformer-ResBlock; the mirror image going up, every layer concatenating the matching skip."""
+
+    def __init__(self, cfg: SDConfig, latent_channels: int = 3):
+        super().__init__()
+        base, time_dim = cfg.base_channels, 4 * cfg.base_channels
+        self.base_channels = base
+        self.time_mlp = nn.Sequential(nn.Linear(base, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+
+        def res(i: int, o: int, resample: str | None = None) -> ResBlock:
+            return ResBlock(i, o, time_dim, cfg.dropout, resample)
+
+        def attn(ch: int) -> SlotTransformer:
+            return SlotTransformer(ch, cfg.slot_dim, cfg.head_dim, cfg.dropout)
+
+        self.conv_in = nn.Conv2d(latent_channels, base, 3, padding=1)
+        self.down = nn.ModuleList()
+        skip_channels, ch = [base], base
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                blocks = [res(ch, base * mult)] + ([attn(base * mult)] if level > 0 else [])
+                ch = base * mult
+                self.down.append(UNetLayer(blocks))
+                skip_channels.append(ch)
+            if level < len(cfg.channel_mult) - 1:
+                self.down.append(UNetLayer([res(ch, ch, "down")]))
+                skip_channels.append(ch)
+
+        self.middle = UNetLayer([res(ch, ch), attn(ch), res(ch, ch)])
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                blocks = [res(ch + skip_channels.pop(), base * mult)] + ([attn(base * mult)] if level > 0 else [])
+                ch = base * mult
+                if level > 0 and i == cfg.num_res_blocks:
+                    blocks.append(res(ch, ch, "up"))
+                self.up.append(UNetLayer(blocks))
+
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, latent_channels, 3, padding=1)))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        temb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        h = self.conv_in(x)
+        skips = [h]
+        for layer in self.down:
+            h = layer(h, temb, slots)
+            skips.append(h)
+        h = self.middle(h, temb, slots)
+        for layer in self.up:
+            h = layer(torch.cat([h, skips.pop()], dim=1), temb, slots)
+        return self.out(h)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the model: slot encoder + slot-conditioned UNet (the frozen VQ-VAE stays outside: training sees its latents)
+
+class SlotDiffusion(nn.Module):
+    def __init__(self, cfg: SDConfig, latent_channels: int = 3):
+        super().__init__()
+        self.encoder = SlotEncoder(encoder_config(cfg))
+        self.unet = UNet(cfg, latent_channels)
+        self.diffusion = Diffusion(cfg)
+
+    def forward(self, images: torch.Tensor, latents: torch.Tensor,
+                t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """images (B,3,H,W) in [0,1] and their VAE latents -> denoising loss, slots, attention (B,K,N)."""
+        slots, attn = self.encoder(images)
+        return dict(loss=self.diffusion.loss(self.unet, latents, slots, t, noise), slots=slots, attn=attn)
+
+
+def attention_masks(attn: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Slot Attention maps (B,K,N) of a square feature map -> segmentation (B,H,W): upsample bilinearly, argmax."""
+    b, k, n = attn.shape
+    side = math.isqrt(n)
+    maps = attn.float().view(b, k, side, side)
+    if (side, side) != (height, width):
+        maps = F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=False)
+    return maps.argmax(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the frozen VQ-VAE and its latents, cached on disk
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
+def file_hash(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def ensure_vae(cfg: SDConfig, cache_dir: str = ".cache") -> str:
+    """Path of the VQ-VAE checkpoint: --vae, or one trained here with vae.py's preset for the resolution, once per
+    (data, resolution): later runs reuse it, and an interrupted VAE training resumes."""
+    if cfg.vae:
+        return cfg.vae
+    preset = "cpu" if cfg.resolution <= 64 else "paper"
+    scenes = f"-n{cfg.num_train}" if cfg.num_train else ""
+    folder = Path(cache_dir) / "vae" / f"{safe_name(cfg.data)}{scenes}-{cfg.resolution}px-{preset}"
+    path = folder / "ckpt.pt"
+    if path.exists():
+        state = trainlib.load_checkpoint(path)
+        if state["step"] >= state["args"]["steps"]:
+            return str(path)
+    print(f"no --vae given: training a VQ-VAE (vae.py --preset {preset}) in {folder}; later runs reuse it")
+    argv = ["--data", cfg.data, "--preset", preset, "--resolution", str(cfg.resolution), "--out", str(folder),
+            "--device", cfg.device] + (["--resume"] if path.exists() else [])
+    if cfg.num_train:
+        argv += ["--train-limit", str(cfg.num_train)]
+    vae.train(vae.parse_args(argv))
+    return str(path)
+
+
+def cached_latents(vqvae: vae.VQVAE, vae_hash: str, scenes: Scenes, device: torch.device, batch_size: int,
+                   cache_dir: str = ".cache") -> torch.Tensor:
+    """VAE latents (N, C, h, w) of a whole split, computed once and kept on disk, keyed by VAE + dataset."""
+    path = (Path(cache_dir) / "latents" /
+            f"{safe_name(scenes.name)}-n{len(scenes)}-{scenes.images.shape[1]}px-vae{vae_hash}.pt")
+    if path.exists():
+        return trainlib.load_checkpoint(path)
+    latents = vae.encode_scenes(vqvae, scenes, batch_size, device)
+    trainlib.save_checkpoint(latents, path)
+    return latents
+
+
+@contextlib.contextmanager
+def master_first(world_size: int, is_master: bool):
+    """Under DDP, rank 0 fills the caches (VAE, latents) while the other ranks wait, then they read them."""
+    if world_size > 1 and not is_master:
+        torch.distributed.barrier()
+    yield
+    if world_size > 1 and is_master:
+        torch.distributed.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training
+
+def lr_scale(step: int, cfg: SDConfig) -> float:
+    """Warm-up + cosine, as a factor: the encoder and the UNet have their own base learning rates."""
+    return trainlib.lr_warmup_cosine(step, 1.0, cfg.warmup, cfg.steps)
+
+
+def checkpoint_state(model: nn.Module, opt: torch.optim.Optimizer, scaler, step: int, cfg: SDConfig,
+                     vae_hash: str) -> dict:
+    return dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step,
+                config=asdict(cfg), vae_hash=vae_hash, rng=trainlib.rng_state())
+
+
+def load_frozen_vae(cfg: SDConfig, device: torch.device) -> tuple[vae.VQVAE, str]:
+    """The VAE, checked against the UNet's levels, and the hash of its file (which identifies cached latents and
+    must match a checkpoint's)."""
+    vqvae = vae.load_vae(cfg.vae).to(device).requires_grad_(False)
+    levels = 2 ** (len(cfg.channel_mult) - 1)
+    latent_size = cfg.resolution // vqvae.cfg.downsample
+    if cfg.resolution % vqvae.cfg.downsample or latent_size % levels:
+        raise InputError(f"--resolution {cfg.resolution} gives a {latent_size}x{latent_size} latent, which the "
+                         f"UNet's {len(cfg.channel_mult)} levels cannot halve {len(cfg.channel_mult) - 1} times; "
+                         f"use a resolution divisible by {vqvae.cfg.downsample * levels}")
+    return vqvae, file_hash(cfg.vae)
+
+
+@torch.no_grad()
+def evaluate_loss_and_masks(model: SlotDiffusion, scenes: Scenes, latents: torch.Tensor, cfg: SDConfig,
+                            device: torch.device, limit: int | None = None, progress: bool = False) -> dict[str, float]:
+    """Val denoising loss at a fixed set of (t, noise) and slot initialisations, so evaluations are comparable,
+    and ARI / FG-ARI / mBO of the argmax-over-slots attention masks."""
+    model.eval()
+    n = min(len(scenes), limit) if limit else len(scenes)
+    subset = Scenes(scenes.images[:n], scenes.masks[:n], scenes.name)
+    totals = dict(loss=0.0, ari=[], fg_ari=[], mbo=[])
+    generator = torch.Generator().manual_seed(cfg.seed)
+    batches = iterate_batches(subset, cfg.batch_size, device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)  # the Gaussian slot initialisation
+        bar = tqdm(batches, total=math.ceil(n / cfg.batch_size), desc="eval", disable=not progress, leave=False)
+        for i, (images, true_masks) in enumerate(bar):
+            z0 = latents[i * cfg.batch_size:][:len(images)].to(device)
+            t = torch.randint(0, cfg.timesteps, (len(images),), generator=generator).to(device)
+            noise = torch.randn(z0.shape, generator=generator).to(device)
+            with trainlib.autocast(device, cfg.amp):
+                out = model(images, z0, t, noise)
+            pred = attention_masks(out["attn"], *images.shape[-2:])
+            totals["loss"] += out["loss"].item() * len(images)
+            totals["ari"].append(metrics.ari(true_masks, pred))
+            totals["fg_ari"].append(metrics.ari(true_masks, pred, foreground_only=True))
+            totals["mbo"].append(metrics.mbo(true_masks, pred))
+    model.train()
+    return dict(val_loss=totals["loss"] / n, ari=torch.cat(totals["ari"]).mean().item(),
+                fg_ari=torch.cat(totals["fg_ari"]).mean().item(), mbo=torch.cat(totals["mbo"]).nanmean().item())
+
+
+def train(cfg: SDConfig, resume: str | None = None) -> Path | None:
+    """Trains, writing ckpt.pt, metrics.jsonl and loss_curves.png to cfg.out; returns the checkpoint path
+    (None on the non-master DDP ranks, which do not evaluate)."""
+    ddp = trainlib.setup_distributed(cfg.device)
+    device, master = ddp.device, ddp.is_master
+    out = Path(cfg.out)
+    ckpt_path = out / "ckpt.pt"
+    torch.manual_seed(cfg.seed + ddp.rank)
+
+    train_set = load_split(cfg.data, "train", cfg.resolution, cfg.num_train)
+    val_set = load_split(cfg.data, "val", cfg.resolution, cfg.num_val)
+    check_resolution(train_set, cfg)
+    with master_first(ddp.world_size, master):
+        cfg = replace(cfg, vae=ensure_vae(cfg))
+        vqvae, vae_hash = load_frozen_vae(cfg, device)
+        train_latents = cached_latents(vqvae, vae_hash, train_set, device, cfg.batch_size).to(device)
+        val_latents = cached_latents(vqvae, vae_hash, val_set, device, cfg.batch_size)
+    model = SlotDiffusion(cfg, vqvae.cfg.embed_dim).to(device)
+    del vqvae  # training never touches the VAE again
+    opt = torch.optim.Adam([dict(params=model.encoder.parameters(), base_lr=cfg.lr),
+                            dict(params=model.unet.parameters(), base_lr=cfg.unet_lr)])
+    scaler = trainlib.make_grad_scaler(device, cfg.amp)
+    start = 0
+    if resume:
+        state = trainlib.load_checkpoint(resume, map_location=device)
+        if state.get("vae_hash") != vae_hash:
+            raise InputError(f"{resume} was trained on the latents of another VAE than {cfg.vae}; "
+                             f"pass --vae with the VAE it was trained with")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        trainlib.set_rng_state(state["rng"])
+        start = state["step"]
+        if master:
+            print(f"resumed from {resume} at step {start}")
+    log = trainlib.MetricsLog(out / "metrics.jsonl", resume_step=start if resume else None) if master else None
+    if master:
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        print(f"SlotDiffusion: encoder {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M + UNet "
+              f"{sum(p.numel() for p in model.unet.parameters()) / 1e6:.2f}M params, latents "
+              f"{tuple(train_latents.shape[1:])}, {len(train_set)} train / {len(val_set)} val scenes, device {device}")
+
+    step_model = torch.compile(model) if cfg.compile else model   # compiled view shares the parameters
+    if ddp.world_size > 1:
+        step_model = nn.parallel.DistributedDataParallel(
+            step_model, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
+    images_per_step = cfg.batch_size * ddp.world_size
+    epoch_size = len(train_set)
+
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not master,
+               dynamic_ncols=True)
+    with trainlib.StopOnInterrupt() as interrupt:
+        for step in bar:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_scale(step, cfg)
+            images, _ = get_batch(train_set, step, cfg.batch_size, cfg.seed, device, ddp.rank, ddp.world_size)
+            index = batch_indices(len(train_set), step, cfg.batch_size, cfg.seed, ddp.rank, ddp.world_size)
+            with trainlib.autocast(device, cfg.amp):
+                loss = step_model(images, train_latents[torch.from_numpy(index).to(device)])["loss"]
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            done = step + 1
+
+            if master and (done % cfg.log_every == 0 or done == cfg.steps):
+                loss_value = loss.item()
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{cfg.unet_lr * lr_scale(step, cfg):.1e}")
+                log.log(step=done, epoch=done * images_per_step / epoch_size, train_loss=loss_value,
+                        lr=cfg.unet_lr * lr_scale(step, cfg))
+            if master and (done % cfg.eval_every == 0 or done == cfg.steps):
+                val = evaluate_loss_and_masks(model, val_set, val_latents, cfg, device, limit=cfg.eval_images)
+                log.log(step=done, epoch=done * images_per_step / epoch_size, **val)
+                bar.write(f"step {done}: val loss {val['val_loss']:.4f}  FG-ARI {val['fg_ari']:.3f}  "
+                          f"ARI {val['ari']:.3f}  mBO {val['mbo']:.3f} (first {cfg.eval_images} val images)")
+                trainlib.plot_loss_curves(log.records(), out / "loss_curves.png", title="SlotDiffusion")
+            if master and (done % cfg.ckpt_every == 0 or done == cfg.steps or interrupt.requested):
+                trainlib.save_checkpoint(checkpoint_state(model, opt, scaler, done, cfg, vae_hash), ckpt_path)
+            if interrupt.requested:
+                bar.close()
+                print(f"stopped at step {done}; checkpoint {ckpt_path}. "
+                      f"Resume: python slotdiff.py --resume {ckpt_path}")
+                sys.exit(130)
+    bar.close()
+    if ddp.world_size > 1:
+        torch.distributed.destroy_process_group()
+    return ckpt_path if master else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluation: segmentation from the attention maps, reconstruction and compositional generation by DDPM
+
+@torch.no_grad()
+def generate(model: SlotDiffusion, vqvae: vae.VQVAE, slots: torch.Tensor, cfg: SDConfig,
+             device: torch.device) -> np.ndarray:
+    """Slots (n,K,D) -> DDPM in the latent space (all T steps) -> VAE decode -> (n,H,W,3) uint8. Every chunk has
+    sample_batch scenes (the last is padded), so a compiled UNet is compiled for one shape only."""
+    model.eval()
+    denoiser = torch.compile(model.unet) if cfg.compile else model.unet
+    size = cfg.resolution // vqvae.cfg.downsample
+    batch = min(cfg.sample_batch, len(slots))
+    images = []
+    bar = tqdm(slots.split(batch), desc=f"{cfg.sample_steps or cfg.timesteps}-step DDPM", unit="batch",
+               dynamic_ncols=True)
+    for i, chunk in enumerate(bar):
+        padded = torch.cat([chunk, chunk[-1:].expand(batch - len(chunk), -1, -1)]).to(device)
+        with trainlib.autocast(device, cfg.amp):
+            z = model.diffusion.sample(denoiser, padded, (vqvae.cfg.embed_dim, size, size), seed=cfg.seed + i,
+                                       steps=cfg.sample_steps)
+        images.append(to_uint8(vqvae.decode(z[:len(chunk)])))
+    return np.concatenate(images)
+
+
+def save_reconstructions(images: torch.Tensor, true_masks: torch.Tensor, attn: torch.Tensor, vae_recon: np.ndarray,
+                         recon: np.ndarray, path: Path) -> None:
+    """One row per val image: input | VAE alone (the ceiling) | slots -> DDPM -> VAE | true masks | attention masks."""
+    pred = attention_masks(attn, *images.shape[-2:])
+    rows = []
+    for i in range(len(images)):
+        rows += [to_uint8(images[i:i + 1] * 2 - 1)[0], vae_recon[i], recon[i],
+                 colorize_masks(true_masks[i].cpu().numpy()), colorize_masks(pred[i].cpu().numpy())]
+    save_grid(np.stack(rows), str(path), nrow=5, labels=["input", "VAE", "sampled", "true", "attention"])
+
+
+def evaluate(ckpt: str | Path, cfg: SDConfig | None = None) -> dict:
+    """Full evaluation of a checkpoint (with its own config unless one is given); writes val_metrics.json,
+    reconstructions.png, comp_grid.png and the generated images in comp_gen/ next to the checkpoint."""
+    state = trainlib.load_checkpoint(ckpt)
+    cfg = cfg or SDConfig(**{**state["config"], "channel_mult": tuple(state["config"]["channel_mult"])})
+    device = trainlib.pick_device(cfg.device)
+    out = Path(ckpt).parent
+    vqvae, vae_hash = load_frozen_vae(cfg, device)
+    if state.get("vae_hash") != vae_hash:
+        raise InputError(f"{ckpt} was trained on the latents of another VAE than {cfg.vae}; pass --vae with the "
+                         f"VAE it was trained with")
+    model = SlotDiffusion(cfg, vqvae.cfg.embed_dim).to(device)
+    model.load_state_dict(state["model"])
+    torch.manual_seed(cfg.seed)                      # Gaussian slot init: make eval repeatable
+
+    val_set = load_split(cfg.data, "val", cfg.resolution, cfg.num_val)
+    train_set = load_split(cfg.data, "train", cfg.resolution, cfg.num_train)
+    check_resolution(val_set, cfg)
+    val_latents = cached_latents(vqvae, vae_hash, val_set, device, cfg.batch_size)
+    result = evaluate_loss_and_masks(model, val_set, val_latents, cfg, device, progress=True)
+    everything_one_segment = torch.zeros(val_set.masks.shape, dtype=torch.long)
+    result["fg_ari_one_segment_baseline"] = metrics.ari(torch.from_numpy(np.array(val_set.masks, np.int64)),
+                                                        everything_one_segment, foreground_only=True).mean().item()
+
+    # reconstruction: the slots of a few val images; compositional generation: k-means the slots of all training
+    # images into K clusters, one slot per cluster per new scene. Both decoded by one DDPM run (one compilation).
+    images, true_masks = next(iterate_batches(val_set, cfg.num_recon, device))
+    with trainlib.autocast(device, cfg.amp):
+        slots, attn = model.encoder(images)
+    n = cfg.num_gen or len(val_set)
+    library = slot_library(model.encoder, train_set, cfg.batch_size, device, cfg.amp)
+    composed = metrics.compose_slots(library, k=cfg.slots, n=n, mode=cfg.comp_sample, seed=cfg.seed)
+    samples = generate(model, vqvae, torch.cat([slots.float().cpu(), composed]), cfg, device)
+    recon, generated = samples[:len(images)], samples[len(images):]
+
+    vae_recon = to_uint8(vqvae.decode(val_latents[:len(images)].to(device)))
+    save_reconstructions(images, true_masks, attn, vae_recon, recon, out / "reconstructions.png")
+    inputs = torch.from_numpy(to_uint8(images * 2 - 1)).float() / 127.5 - 1
+    result["recon_mse"] = F.mse_loss(torch.from_numpy(recon).float() / 127.5 - 1, inputs).item()
+    result["vae_recon_mse"] = F.mse_loss(torch.from_numpy(vae_recon).float() / 127.5 - 1, inputs).item()
+    metrics.save_images(generated, str(out / "comp_gen"))
+    save_grid(generated[:64], str(out / "comp_grid.png"), nrow=8)
+    result["fid"] = metrics.fid(val_set.images, generated, device=str(device))
+    result.update(step=state["step"], val_images=len(val_set), generated_images=n, comp_sample=cfg.comp_sample,
+                  sample_steps=cfg.sample_steps or cfg.timesteps)
+    (out / "val_metrics.json").write_text(json.dumps(result, indent=2))
+    print(f"val ({len(val_set)} images): ARI {result['ari']:.4f}  FG-ARI {result['fg_ari']:.4f} (one-segment "
+          f"baseline {result['fg_ari_one_segment_baseline']:.4f})  mBO {result['mbo']:.4f}  denoising loss "
+          f"{result['val_loss']:.5f}\nreconstruction MSE ({len(images)} images, [-1,1]): {result['recon_mse']:.4f} "
+          f"(VAE alone {result['vae_recon_mse']:.4f})\ncompositional FID ({n} generated vs {len(val_set)} val, "
+          f"{cfg.comp_sample} sampling): {result['fid']:.2f}\nwrote {out}/val_metrics.json, reconstructions.png, "
+          f"comp_grid.png, comp_gen/, loss_curves.png")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line: dataclass fields become flags (--base-channels, --channel-mult 1,2,3, --compile 0, ...);
+# presets are override dicts
+
+def parse_int_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+def parse_args(argv: list[str]) -> tuple[str, SDConfig, argparse.Namespace]:
+    command = argv.pop(0) if argv and argv[0] in ("train", "eval") else "train"
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named set of overrides (explicit flags still win)")
+    p.add_argument("--resume", help="train: continue from this checkpoint exactly")
+    p.add_argument("--ckpt", help="eval: the checkpoint to evaluate")
+    p.add_argument("--no-eval", action="store_true", help="train: skip the final evaluation")
+    for f in fields(SDConfig):
+        kind = {"bool": int, "int": int, "int | None": int, "float": float,
+                "tuple[int, ...]": parse_int_tuple}.get(f.type, str)
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=f"default {f.default}")
+    args = p.parse_args(argv)
+    base = {}
+    if args.resume or args.ckpt:  # continue with the checkpoint's own settings unless overridden
+        base = trainlib.load_checkpoint(args.resume or args.ckpt)["config"]
+    elif args.preset:
+        base = PRESETS[args.preset]
+    explicit = {f.name: getattr(args, f.name) for f in fields(SDConfig) if getattr(args, f.name) is not None}
+    cfg = SDConfig(**{**base, **explicit})
+    cfg.compile, cfg.amp, cfg.channel_mult = bool(cfg.compile), bool(cfg.amp), tuple(cfg.channel_mult)
+    return command, cfg, args
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        command, cfg, args = parse_args(list(sys.argv[1:] if argv is None else argv))
+        validate(cfg)
+        if command == "eval":
+            if not args.ckpt:
+                raise InputError("eval needs --ckpt PATH (e.g. runs/slotdiff/ckpt.pt, written by training)")
+            evaluate(args.ckpt, cfg)
+            return
+        ckpt = train(cfg, resume=args.resume)
+        if ckpt is not None and not args.no_eval:
+            evaluate(ckpt)  # the checkpoint's config: it records the VAE that training resolved
+    except InputError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""SlotDiffusion: noise schedule and sampler against closed forms, UNet shapes and initialisation, training."""
+import json
+import math
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import slotdiff
+import vae
+from slotdiff import Diffusion, ResBlock, SDConfig, SlotDiffusion, SlotTransformer, UNet
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared CPU two spinning threads per process can
+    make these tests several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(**overrides) -> SDConfig:
+    cfg = dict(slot_dim=12, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, head_dim=8,
+               dropout=0.0)
+    return SDConfig(**{**cfg, **overrides})
+
+
+def randomise_zero_inits(module: torch.nn.Module, seed: int = 0) -> None:
+    """Fresh models output exactly zero (zero-initialised last layers); give them random weights instead so
+    tests exercise a non-trivial network."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.abs().max() == 0:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# forward process
+
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear"])
+def test_beta_schedule_endpoints_monotone_and_cumprod(schedule):
+    cfg = SDConfig(beta_schedule=schedule)
+    diffusion = Diffusion(cfg)
+    betas = diffusion.betas.double().numpy()
+    assert len(betas) == 1000
+    assert betas[0] == pytest.approx(0.0015, rel=1e-6)
+    assert betas[-1] == pytest.approx(0.0195, rel=1e-6)
+    assert np.all(np.diff(betas) > 0)
+    if schedule == "linear":  # equal increments
+        np.testing.assert_allclose(np.diff(betas), (0.0195 - 0.0015) / 999, rtol=1e-4)
+    else:  # equal increments of sqrt(beta)
+        np.testing.assert_allclose(np.diff(np.sqrt(betas)), (0.0195 ** 0.5 - 0.0015 ** 0.5) / 999, rtol=1e-4)
+    # a_bar_t = prod_{s<=t} (1 - beta_s), computed independently as exp(sum log(1 - beta)) in float64
+    expected = np.exp(np.cumsum(np.log1p(-betas)))
+    np.testing.assert_allclose(diffusion.alphas_cumprod.double().numpy(), expected, rtol=1e-5)
+    assert 0 < diffusion.alphas_cumprod[-1] < 1e-2  # the chain ends (nearly) at pure noise
+
+
+def test_unknown_schedule_is_an_input_error():
+    from data import InputError
+    with pytest.raises(InputError, match="beta-schedule"):
+        Diffusion(SDConfig(beta_schedule="cosine"))
+
+
+def test_q_sample_matches_closed_form():
+    diffusion = Diffusion(SDConfig())
+    x0, noise = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+    t = torch.tensor([0, 10, 500, 999])
+    a_bar = np.exp(np.cumsum(np.log1p(-np.linspace(0.0015, 0.0195, 1000))))[t.numpy()]
+    expected = (np.sqrt(a_bar)[:, None, None, None] * x0.double().numpy()
+                + np.sqrt(1 - a_bar)[:, None, None, None] * noise.double().numpy())
+    np.testing.assert_allclose(diffusion.q_sample(x0, t, noise).numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_ddpm_step_with_true_noise_gives_posterior_mean():
+    """If eps is the noise that made x_t from x0, Algorithm 2's mean equals the closed-form posterior mean
+    mu~(x_t, x0) = sqrt(a_bar_prev) beta / (1 - a_bar) x0 + sqrt(alpha) (1 - a_bar_prev) / (1 - a_bar) x_t."""
+    a_bar_prev, a_bar = 0.7, 0.68
+    alpha, beta = a_bar / a_bar_prev, 1 - a_bar / a_bar_prev
+    x0, eps = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    x_t = math.sqrt(a_bar) * x0 + math.sqrt(1 - a_bar) * eps
+    mean = slotdiff.ddpm_step(x_t, eps, a_bar, a_bar_prev, torch.zeros_like(x_t))
+    expected = (math.sqrt(a_bar_prev) * beta / (1 - a_bar) * x0
+                + math.sqrt(alpha) * (1 - a_bar_prev) / (1 - a_bar) * x_t)
+    torch.testing.assert_close(mean, expected)
+    # the noise is scaled by the posterior std sqrt(beta-tilde)
+    z = torch.ones_like(x_t)
+    std = slotdiff.ddpm_step(x_t, eps, a_bar, a_bar_prev, z) - mean
+    torch.testing.assert_close(std, torch.full_like(x_t, math.sqrt((1 - a_bar_prev) / (1 - a_bar) * beta)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# UNet
+
+@pytest.mark.parametrize("num_slots", [1, 3, 11])
+@pytest.mark.parametrize("latent_size", [8, 16])
+def test_unet_output_shape_matches_input(num_slots, latent_size):
+    cfg = tiny_config()
+    unet = UNet(cfg)
+    x = torch.randn(2, 3, latent_size, latent_size)
+    out = unet(x, torch.tensor([0, 999]), torch.randn(2, num_slots, cfg.slot_dim))
+    assert out.shape == x.shape
+
+
+def test_unet_output_depends_on_slots_and_timestep():
+    cfg = tiny_config()
+    unet = UNet(cfg).eval()
+    randomise_zero_inits(unet)
+    x, slots = torch.randn(1, 3, 8, 8), torch.randn(1, 3, cfg.slot_dim)
+    out = unet(x, torch.tensor([5]), slots)
+    assert not torch.allclose(out, unet(x, torch.tensor([600]), slots))
+    assert not torch.allclose(out, unet(x, torch.tensor([5]), torch.randn(1, 3, cfg.slot_dim)))
+    # slots are a set: permuting them must not change the prediction (cross-attention is permutation invariant)
+    torch.testing.assert_close(out, unet(x, torch.tensor([5]), slots[:, [2, 0, 1]]))
+
+
+@pytest.mark.parametrize("resample, size_out", [("down", 4), ("up", 16)])
+def test_resampling_resblocks_change_resolution_by_two(resample, size_out):
+    block = ResBlock(16, 24, time_dim=32, resample=resample)
+    out = block(torch.randn(2, 16, 8, 8), torch.randn(2, 32))
+    assert out.shape == (2, 24, size_out, size_out)
+
+
+def test_down_resblock_skip_path_is_average_pooling():
+    """With the residual branch zero-initialised, a fresh down-sampling block is exactly 2x2 average pooling."""
+    block = ResBlock(8, 8, time_dim=4, resample="down")
+    x = torch.randn(1, 8, 6, 6)
+    expected = x.reshape(1, 8, 3, 2, 3, 2).mean(dim=(3, 5))
+    torch.testing.assert_close(block(x, torch.randn(1, 4)), expected)
+
+
+def test_fresh_transformer_block_is_identity():
+    block = SlotTransformer(16, slot_dim=12, head_dim=8)
+    x = torch.randn(2, 16, 4, 4)
+    assert torch.equal(block(x, torch.randn(2, 5, 12)), x)
+
+
+def test_group_norm_rule_keeps_at_least_four_channels_per_group():
+    for channels, groups in [(32, 8), (64, 16), (96, 24), (128, 32), (192, 32), (256, 32)]:
+        assert slotdiff.group_norm(channels).num_groups == groups
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sampler and training
+
+def test_sampler_is_finite_shaped_and_deterministic_for_a_seed():
+    cfg = tiny_config()
+    unet, diffusion = UNet(cfg).eval(), Diffusion(cfg)
+    randomise_zero_inits(unet)
+    slots = torch.randn(3, 4, cfg.slot_dim)
+    a = diffusion.sample(unet, slots, (3, 8, 8), seed=1, steps=5, progress=False)
+    b = diffusion.sample(unet, slots, (3, 8, 8), seed=1, steps=5, progress=False)
+    c = diffusion.sample(unet, slots, (3, 8, 8), seed=2, steps=5, progress=False)
+    assert a.shape == (3, 3, 8, 8) and torch.isfinite(a).all()
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_sampler_with_an_oracle_denoiser_recovers_x0():
+    """A model that knows x0 predicts eps = (x_t - sqrt(a_bar) x0) / sqrt(1 - a_bar); ancestral sampling with it
+    must land on x0 whatever the subset of timesteps (the last step adds no noise)."""
+    diffusion = Diffusion(SDConfig())
+    x0 = torch.randn(2, 3, 4, 4)
+
+    def oracle(x, t, slots):
+        a_bar = diffusion.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return (x - a_bar.sqrt() * x0) / (1 - a_bar).sqrt()
+
+    out = diffusion.sample(oracle, torch.zeros(2, 1, 1), (3, 4, 4), steps=7, progress=False)
+    torch.testing.assert_close(out, x0, rtol=1e-3, atol=1e-3)
+
+
+def test_one_optimisation_step_lowers_the_loss():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    unet, diffusion = UNet(cfg), Diffusion(cfg)
+    randomise_zero_inits(unet)
+    x0, slots = torch.randn(4, 3, 8, 8), torch.randn(4, 3, cfg.slot_dim)
+    t, noise = torch.tensor([10, 200, 500, 900]), torch.randn(4, 3, 8, 8)
+    opt = torch.optim.Adam(unet.parameters(), lr=1e-3)
+    before = diffusion.loss(unet, x0, slots, t, noise)
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after = diffusion.loss(unet, x0, slots, t, noise)
+    assert after < before
+
+
+# ----------------------------------------------------------------------------------------------------------
+# joint model, data plumbing, command line
+
+def tiny_joint_config(**overrides) -> SDConfig:
+    cfg = dict(resolution=16, slots=3, slot_dim=12, slot_mlp_hidden=16, enc_channels=8, base_channels=16,
+               channel_mult=(1, 2), num_res_blocks=1, head_dim=8, dropout=0.0)
+    return SDConfig(**{**cfg, **overrides})
+
+
+def test_batch_indices_match_data_get_batch():
+    """slotdiff pairs each image with its cached latent through data.batch_indices: it must pick exactly the scenes
+    data.get_batch picks, across epoch boundaries and DDP ranks."""
+    rng = np.random.default_rng(0)
+    scenes = data.Scenes(rng.integers(0, 256, (10, 4, 4, 3), dtype=np.uint8), np.zeros((10, 4, 4), np.uint8), "t")
+    for step, rank, world in [(0, 0, 1), (3, 0, 1), (7, 1, 2), (12, 2, 3)]:
+        images, _ = data.get_batch(scenes, step, 4, seed=5, device="cpu", rank=rank, world_size=world)
+        index = data.batch_indices(len(scenes), step, 4, seed=5, rank=rank, world_size=world)
+        expected = torch.from_numpy(scenes.images[index]).permute(0, 3, 1, 2).float() / 255
+        torch.testing.assert_close(images, expected)
+
+
+def test_attention_masks_upsample_and_argmax():
+    """Hand-made 2x2 maps where slot k wins cell k: at 4x4 every 2x2 block belongs to its cell's slot."""
+    attn = torch.full((1, 4, 4), 0.1)
+    for k in range(4):
+        attn[0, k, k] = 0.7
+    expected = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
+    torch.testing.assert_close(slotdiff.attention_masks(attn, 4, 4)[0], expected)
+
+
+def test_encoder_attention_sums_to_one_over_slots_and_gives_image_sized_masks():
+    model = SlotDiffusion(tiny_joint_config())
+    images = torch.rand(2, 3, 16, 16)
+    out = model(images, torch.randn(2, 3, 4, 4))
+    assert out["attn"].shape == (2, 3, 16 * 16)
+    torch.testing.assert_close(out["attn"].sum(dim=1), torch.ones(2, 256))
+    masks = slotdiff.attention_masks(out["attn"], 16, 16)
+    assert masks.shape == (2, 16, 16) and masks.dtype == torch.long
+    assert 0 <= masks.min() and masks.max() < 3
+
+
+def test_joint_training_step_lowers_the_loss_and_trains_the_encoder():
+    torch.manual_seed(0)
+    model = SlotDiffusion(tiny_joint_config())
+    randomise_zero_inits(model.unet)  # otherwise no gradient reaches the encoder on the first step
+    images, latents = torch.rand(4, 3, 16, 16), torch.randn(4, 3, 4, 4)
+    t, noise = torch.tensor([10, 200, 500, 900]), torch.randn(4, 3, 4, 4)
+
+    def loss() -> torch.Tensor:
+        torch.manual_seed(1)  # the same Gaussian slot initialisation every time
+        return model(images, latents, t, noise)["loss"]
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    before = loss()
+    before.backward()
+    assert model.encoder.cnn[0].weight.grad.abs().sum() > 0
+    opt.step()
+    with torch.no_grad():
+        assert loss() < before
+
+
+def test_bad_settings_exit_with_one_line_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        slotdiff.main(["--slots", "0"])
+    assert "error: --slots 0" in str(exit_info.value)
+    with pytest.raises(SystemExit) as exit_info:
+        slotdiff.main(["--base-channels", "24", "--head-dim", "32"])
+    assert "--head-dim" in str(exit_info.value)
+
+
+@pytest.fixture
+def tiny_vae(tmp_path) -> str:
+    cfg = vae.VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, n_embed=16)
+    path = tmp_path / "tiny_vae.pt"
+    torch.save(dict(model=vae.VQVAE(cfg).state_dict(), config=asdict(cfg)), path)
+    return str(path)
+
+
+TINY_CLI = ["--resolution", "16", "--num-train", "16", "--num-val", "8", "--slots", "3", "--slot-dim", "16",
+            "--slot-mlp-hidden", "16", "--enc-channels", "8", "--base-channels", "16", "--channel-mult", "1,2",
+            "--num-res-blocks", "1", "--head-dim", "8", "--batch-size", "4", "--warmup", "1", "--log-every", "1",
+            "--eval-every", "2", "--eval-images", "8", "--ckpt-every", "2", "--compile", "0", "--device", "cpu",
+            "--sample-steps", "5", "--sample-batch", "4", "--num-recon", "2", "--num-gen", "6"]
+
+
+def test_cli_trains_resumes_exactly_and_evaluates(tmp_path, tiny_vae, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # data and latent caches go to tmp_path/.cache
+    fid_inputs = []  # FID itself is tested in test_metrics.py; its 2048x2048 sqrtm alone takes ~20 s on 2 cores
+
+    def fake_fid(real, fake, device=None, batch_size=32):
+        fid_inputs.append((np.asarray(real).shape, np.asarray(fake).shape))
+        return 1.0
+
+    monkeypatch.setattr(slotdiff.metrics, "fid", fake_fid)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    slotdiff.main(TINY_CLI + ["--vae", tiny_vae, "--steps", "4", "--out", str(straight), "--no-eval"])
+    slotdiff.main(TINY_CLI + ["--vae", tiny_vae, "--steps", "2", "--out", str(split), "--no-eval"])
+    slotdiff.main(["--resume", str(split / "ckpt.pt"), "--steps", "4"])  # + the final evaluation
+
+    a = torch.load(straight / "ckpt.pt", weights_only=False)
+    b = torch.load(split / "ckpt.pt", weights_only=False)
+    assert a["step"] == b["step"] == 4
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)
+
+    records = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
+    result = json.loads((split / "val_metrics.json").read_text())
+    for key in ("ari", "fg_ari", "mbo", "fg_ari_one_segment_baseline", "recon_mse", "fid", "val_loss"):
+        assert np.isfinite(result[key]), key
+    assert fid_inputs == [((8, 16, 16, 3), (6, 16, 16, 3))]  # val images vs the generated ones
+    assert result["fg_ari_one_segment_baseline"] == 0.0  # one segment for all pixels: FG-ARI of a constant is 0
+    for name in ("loss_curves.png", "reconstructions.png", "comp_grid.png"):
+        assert (split / name).stat().st_size > 0
+    assert len(list((split / "comp_gen").glob("*.png"))) == 6
+
+    # `eval` re-evaluates a checkpoint with its own settings; flags override them
+    slotdiff.main(["eval", "--ckpt", str(split / "ckpt.pt"), "--num-gen", "3"])
+    assert json.loads((split / "val_metrics.json").read_text())["generated_images"] == 3
+    assert fid_inputs[-1] == ((8, 16, 16, 3), (3, 16, 16, 3))
+
+
+def test_without_vae_flag_a_vae_is_trained_once_then_reused(tmp_path, monkeypatch):
+    """The wiring only (vae.py's own tests train VAEs): a stand-in vae.train writes a checkpoint the way vae.py
+    does; an unfinished one (step < steps) must be resumed, a finished one reused."""
+    monkeypatch.chdir(tmp_path)
+    trainings = []
+
+    def fake_train(args):
+        trainings.append(args)
+        cfg = vae.VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, n_embed=16)
+        state = dict(model=vae.VQVAE(cfg).state_dict(), config=asdict(cfg), step=len(trainings), args=dict(steps=2))
+        (Path(args.out) / "ckpt.pt").parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, Path(args.out) / "ckpt.pt")
+
+    monkeypatch.setattr(vae, "train", fake_train)
+    cfg = SDConfig(resolution=32, num_train=8, device="cpu")
+    path = slotdiff.ensure_vae(cfg)  # trains, but stops half-way (step 1 of 2)
+    assert trainings[0].resolution == 32 and trainings[0].preset == "cpu" and not trainings[0].resume
+    assert slotdiff.ensure_vae(cfg) == path  # unfinished: resumed
+    assert len(trainings) == 2 and trainings[1].resume
+    assert slotdiff.ensure_vae(cfg) == path  # finished: reused, no third training
+    assert len(trainings) == 2
+    assert vae.load_vae(path).cfg.n_embed == 16
+    assert slotdiff.ensure_vae(replace(cfg, vae="given.pt")) == "given.pt"
