@@ -4,7 +4,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.stamp
 OUT     ?= runs
 
-.PHONY: venv demo demo-sa demo-diffusion test bench clean
+.PHONY: venv demo demo-diffusion test bench fid fid-sa clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -20,6 +20,10 @@ demo: $(STAMP)
 	$(PY) data.py --preview $(OUT)/data_preview.png --resolution 64
 	$(PY) sa.py --preset cpu --out $(OUT)/sa
 
+# Part 2: trains (or reuses) a small VQ-VAE, then SlotDiffusion (cpu preset), evaluates with 1000-step DDPM + FID.
+demo-diffusion: $(STAMP)
+	$(PY) slotdiff.py --preset cpu --out $(OUT)/slotdiff
+
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
@@ -27,6 +31,14 @@ bench: $(STAMP)
 	$(PY) bench/bench_data.py
 	$(PY) bench/bench_ari.py
 	$(PY) bench/bench_sa.py
+	$(PY) bench/bench_export.py
+
+# Compositional generation through the exported decoders on ONNX Runtime, clean-fid FID against val.
+fid: $(STAMP)
+	$(PY) export.py fid --ckpt $(OUT)/slotdiff/ckpt.pt
+
+fid-sa: $(STAMP)
+	$(PY) export.py fid-sa --ckpt $(OUT)/sa/ckpt.pt
 
 clean:
 	rm -rf $(OUT) .cache
