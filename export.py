@@ -336,13 +336,11 @@ def export_checkpoint(ckpt: str | Path, fmt: str = "onnx", fp16: bool = False,
 # ----------------------------------------------------------------------------------------------------------
 # DDPM sampling with ONNX Runtime
 
-def step_coefficients(diffusion: slotdiff.Diffusion, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+def step_coefficients(diffusion: slotdiff.Diffusion, steps: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The timesteps (steps,) and update coefficients (steps, 3) float32 of slotdiff's sampler, in the order it
-    runs them (t = T-1 first). The chain is Diffusion.sample's; slotdiff.ddpm_step is linear in
+    runs them (t = T-1 first). The chain is Diffusion.chain, as Diffusion.sample runs it; slotdiff.ddpm_step is linear in
     (x_t, eps, noise), so its coefficients are its values at the unit vectors."""
-    ts = torch.linspace(0, diffusion.timesteps - 1, steps, dtype=torch.float64).round().long()
-    a_bar = diffusion._alphas_cumprod64[ts]
-    a_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), a_bar[:-1]])
+    ts, a_bar, a_bar_prev = diffusion.chain(steps)
     coefs = [(slotdiff.ddpm_step(1.0, 0.0, a, ap, 0.0), -slotdiff.ddpm_step(0.0, 1.0, a, ap, 0.0),
               slotdiff.ddpm_step(0.0, 0.0, a, ap, 1.0)) for a, ap in zip(a_bar.tolist(), a_bar_prev.tolist())]
     return ts.flip(0), torch.tensor(coefs, dtype=torch.float32).flip(0)
@@ -354,11 +352,9 @@ def ort_sample(session, diffusion: slotdiff.Diffusion, slots: torch.Tensor, late
     """slotdiff.Diffusion.sample with the ddpm_step graph on ONNX Runtime: same chain, same noise for a seed.
     Everything stays on the slots' device (CPU, or the GPU with the CUDA provider): the latents ping-pong between
     two buffers that ORT reads and writes in place, and the noise is drawn there by torch."""
-    steps = steps or diffusion.timesteps
-    if not 1 <= steps <= diffusion.timesteps:
-        raise InputError(f"sampling steps must be in 1..{diffusion.timesteps}, got {steps}")
     device, batch = slots.device, slots.shape[0]
-    ts, coefs = step_coefficients(diffusion, steps)
+    ts, coefs = step_coefficients(diffusion, steps)   # validates steps
+    steps = len(ts)
     ts, coefs = ts.to(device)[:, None].expand(-1, batch).contiguous(), coefs.to(device)
     generator = torch.Generator(device).manual_seed(seed)
     x = torch.randn((batch, *latent_shape), generator=generator, device=device)

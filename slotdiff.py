@@ -165,7 +165,7 @@ class Diffusion(nn.Module):
         self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
         self.register_buffer("sqrt_alphas_cumprod", alphas_cumprod.sqrt().float(), persistent=False)
         self.register_buffer("sqrt_one_minus_alphas_cumprod", (1 - alphas_cumprod).sqrt().float(), persistent=False)
-        self._alphas_cumprod64 = alphas_cumprod  # the sampler derives its coefficients from these
+        self.alphas_cumprod64 = alphas_cumprod  # the sampler derives its coefficients from these
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return (self.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1) * x0
@@ -180,20 +180,24 @@ class Diffusion(nn.Module):
             noise = torch.randn_like(x0)
         return F.mse_loss(unet(self.q_sample(x0, t, noise), t, slots).float(), noise)
 
-    @torch.no_grad()
-    def sample(self, unet: nn.Module, slots: torch.Tensor, latent_shape: tuple[int, int, int],
-               seed: int = 0, steps: int | None = None, progress: bool = True) -> torch.Tensor:
-        """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) of one latent per slot set, all T steps.
-
-        `steps` < T (for tests only) runs the same chain on an evenly spaced subset of timesteps, with the
-        betas re-derived from a_bar so the sub-chain has the same marginals; steps == T is the plain chain.
-        """
+    def chain(self, steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Timesteps (steps,) of the sampling chain with a_bar_t and a_bar_{t-1} (float64), in increasing t.
+        `steps` < T (for tests only) picks evenly spaced timesteps; a_bar_prev of a sub-chain is the previous
+        chosen timestep's, so the sub-chain has the same marginals. steps == T is the plain chain."""
         steps = steps or self.timesteps
         if not 1 <= steps <= self.timesteps:
             raise InputError(f"sampling steps must be in 1..{self.timesteps}, got {steps}")
         ts = torch.linspace(0, self.timesteps - 1, steps, dtype=torch.float64).round().long()
-        a_bar = self._alphas_cumprod64[ts]
-        a_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), a_bar[:-1]])
+        a_bar = self.alphas_cumprod64[ts]
+        return ts, a_bar, torch.cat([torch.ones(1, dtype=torch.float64), a_bar[:-1]])
+
+    @torch.no_grad()
+    def sample(self, unet: nn.Module, slots: torch.Tensor, latent_shape: tuple[int, int, int],
+               seed: int = 0, steps: int | None = None, progress: bool = True) -> torch.Tensor:
+        """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) of one latent per slot set, all T steps
+        (`steps` < T: a shorter chain for tests, see `chain`)."""
+        ts, a_bar, a_bar_prev = self.chain(steps)
+        steps = len(ts)
         generator = torch.Generator(slots.device).manual_seed(seed)
         x = torch.randn((slots.shape[0], *latent_shape), generator=generator, device=slots.device)
         for i in tqdm(reversed(range(steps)), total=steps, desc="ddpm", disable=not progress, leave=False):
