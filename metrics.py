@@ -130,6 +130,22 @@ def mbo(true_masks: torch.Tensor, pred_masks: torch.Tensor) -> torch.Tensor:
     return (best * is_object).sum(1) / is_object.sum(1)
 
 
+class SegmentationScores:
+    """Per-image ARI, FG-ARI and mBO accumulated over batches; summary() averages them over all images
+    (mBO over the images that have objects)."""
+
+    def __init__(self):
+        self.scores = dict(ari=[], fg_ari=[], mbo=[])
+
+    def update(self, true_masks: torch.Tensor, pred_masks: torch.Tensor) -> None:
+        self.scores["ari"].append(ari(true_masks, pred_masks).cpu())
+        self.scores["fg_ari"].append(ari(true_masks, pred_masks, foreground_only=True).cpu())
+        self.scores["mbo"].append(mbo(true_masks, pred_masks).cpu())
+
+    def summary(self) -> dict[str, float]:
+        return {name: torch.cat(values).nanmean().item() for name, values in self.scores.items()}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # k-means and compositional slot sampling
 

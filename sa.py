@@ -252,20 +252,16 @@ def _evaluate_masks(model, scenes, cfg, device, limit, progress) -> dict[str, fl
     model.eval()
     n = min(len(scenes), limit) if limit else len(scenes)
     subset = Scenes(scenes.images[:n], scenes.masks[:n], scenes.name)
-    totals = dict(loss=0.0, ari=[], fg_ari=[], mbo=[])
+    loss, scores = 0.0, metrics.SegmentationScores()
     batches = iterate_batches(subset, cfg.batch_size, device)
     for images, true_masks in tqdm(batches, total=math.ceil(n / cfg.batch_size), desc="eval", disable=not progress,
                                    leave=False):
         with trainlib.autocast(device, cfg.amp):
             out = model(images)
-        pred = out["masks"].squeeze(2).argmax(dim=1)
-        totals["loss"] += out["loss"].item() * len(images)
-        totals["ari"].append(metrics.ari(true_masks, pred))
-        totals["fg_ari"].append(metrics.ari(true_masks, pred, foreground_only=True))
-        totals["mbo"].append(metrics.mbo(true_masks, pred))
+        loss += out["loss"].item() * len(images)
+        scores.update(true_masks, out["masks"].squeeze(2).argmax(dim=1))
     model.train()
-    return dict(val_loss=totals["loss"] / n, ari=torch.cat(totals["ari"]).mean().item(),
-                fg_ari=torch.cat(totals["fg_ari"]).mean().item(), mbo=torch.cat(totals["mbo"]).nanmean().item())
+    return dict(val_loss=loss / n, **scores.summary())
 
 
 def train(cfg: SAConfig, resume: str | None = None) -> Path | None:

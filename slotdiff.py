@@ -509,7 +509,7 @@ def evaluate_loss_and_masks(model: SlotDiffusion, scenes: Scenes, latents: torch
     model.eval()
     n = min(len(scenes), limit) if limit else len(scenes)
     subset = Scenes(scenes.images[:n], scenes.masks[:n], scenes.name)
-    totals = dict(loss=0.0, ari=[], fg_ari=[], mbo=[])
+    loss, scores = 0.0, metrics.SegmentationScores()
     generator = torch.Generator().manual_seed(cfg.seed)
     batches = iterate_batches(subset, cfg.batch_size, device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -521,14 +521,10 @@ def evaluate_loss_and_masks(model: SlotDiffusion, scenes: Scenes, latents: torch
             noise = torch.randn(z0.shape, generator=generator).to(device)
             with trainlib.autocast(device, cfg.amp):
                 out = model(images, z0, t, noise)
-            pred = attention_masks(out["attn"], *images.shape[-2:])
-            totals["loss"] += out["loss"].item() * len(images)
-            totals["ari"].append(metrics.ari(true_masks, pred))
-            totals["fg_ari"].append(metrics.ari(true_masks, pred, foreground_only=True))
-            totals["mbo"].append(metrics.mbo(true_masks, pred))
+            loss += out["loss"].item() * len(images)
+            scores.update(true_masks, attention_masks(out["attn"], *images.shape[-2:]))
     model.train()
-    return dict(val_loss=totals["loss"] / n, ari=torch.cat(totals["ari"]).mean().item(),
-                fg_ari=torch.cat(totals["fg_ari"]).mean().item(), mbo=torch.cat(totals["mbo"]).nanmean().item())
+    return dict(val_loss=loss / n, **scores.summary())
 
 
 def train(cfg: SDConfig, resume: str | None = None) -> Path | None:

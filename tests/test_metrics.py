@@ -306,3 +306,18 @@ def test_fid_of_arrays_equals_cleanfid_on_folders(tmp_path, monkeypatch, no_down
         np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-9)
     # FID = |mu1 - mu2|^2 + (a squared Bures distance >= 0), so this bounds it well away from 0
     assert ((mu_noise - mu_gradients) ** 2).sum() > 50
+
+
+def test_segmentation_scores_average_over_all_images_of_all_batches():
+    rng = np.random.default_rng(3)
+    true = torch.from_numpy(rng.integers(0, 4, (5, 8, 8)))
+    pred = torch.from_numpy(rng.integers(0, 3, (5, 8, 8)))
+    true[4] = 0                                   # no objects: counts for ARI/FG-ARI, skipped by mBO
+    scores = metrics.SegmentationScores()
+    scores.update(true[:2], pred[:2])
+    scores.update(true[2:], pred[2:])
+    summary = scores.summary()
+    assert summary["ari"] == pytest.approx(np.mean([adjusted_rand_score(t.ravel(), p.ravel())
+                                                    for t, p in zip(true.numpy(), pred.numpy())]))
+    assert summary["fg_ari"] == pytest.approx(metrics.ari(true, pred, foreground_only=True).mean().item())
+    assert summary["mbo"] == pytest.approx(metrics.mbo(true[:4], pred[:4]).mean().item())
