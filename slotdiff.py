@@ -139,6 +139,8 @@ def validate(cfg: SDConfig) -> None:
         raise InputError(f"UNet widths {widths} (--base-channels x --channel-mult) must be multiples of "
                          f"--head-dim {cfg.head_dim}; change one of them")
     make_betas(cfg.beta_schedule, cfg.beta_start, cfg.beta_end, cfg.timesteps)  # raises for unknown schedules
+    if cfg.vae and not Path(cfg.vae).is_file():  # fail now, not after generating and loading the data
+        vae.load_vae(cfg.vae)
 
 
 # ----------------------------------------------------------------------------------------------------------
