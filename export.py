@@ -408,9 +408,7 @@ def fid_sa(ckpt: Path, num_gen: int | None, device: torch.device) -> float:
     val_set = load_split(cfg.data, "val", cfg.resolution, cfg.num_val)
     sa.check_resolution(val_set, cfg)
     torch.manual_seed(cfg.seed)  # the Gaussian slot initialisation, as sa.evaluate
-    library = sa.slot_library(model.encoder, train_set, cfg.batch_size, device, cfg.amp)
-    slots = metrics.compose_slots(library, k=cfg.slots, n=num_gen or cfg.num_gen or len(val_set),
-                                  mode=cfg.comp_sample, seed=cfg.seed)
+    slots = sa.composed_slots(model.encoder, train_set, num_gen or cfg.num_gen or len(val_set), cfg, device)
     images = [sa.to_uint8(ort_decode(session, dict(slots=chunk.to(device)), "image",
                                      (len(chunk), 3, cfg.resolution, cfg.resolution)))
               for chunk in tqdm(slots.split(cfg.batch_size), desc="decode (onnxruntime)")]
@@ -426,9 +424,7 @@ def fid_slotdiff(ckpt: Path, num_gen: int | None, sample_steps: int | None, devi
     val_set = load_split(cfg.data, "val", cfg.resolution, cfg.num_val)
     sa.check_resolution(val_set, cfg)
     torch.manual_seed(cfg.seed)
-    library = sa.slot_library(model.encoder, train_set, cfg.batch_size, device, cfg.amp)
-    slots = metrics.compose_slots(library, k=cfg.slots, n=num_gen or cfg.num_gen or len(val_set),
-                                  mode=cfg.comp_sample, seed=cfg.seed)
+    slots = sa.composed_slots(model.encoder, train_set, num_gen or cfg.num_gen or len(val_set), cfg, device)
     size = cfg.resolution // vqvae.cfg.downsample
     images = []
     for i, chunk in enumerate(tqdm(slots.split(cfg.sample_batch), desc="compositional generation (onnxruntime)")):

@@ -397,12 +397,18 @@ def slot_library(encoder: SlotEncoder, scenes: Scenes, batch_size: int, device: 
     return torch.cat(chunks)
 
 
+def composed_slots(encoder: SlotEncoder, train_set: Scenes, n: int, cfg, device: torch.device) -> torch.Tensor:
+    """(n, K, D) slot sets for new scenes: slot library of the train split -> k-means (k = K) -> one slot from
+    each cluster. Shared by sa.py, slotdiff.py and export.py (cfg: SAConfig or SDConfig)."""
+    library = slot_library(encoder, train_set, cfg.batch_size, device, cfg.amp)
+    return metrics.compose_slots(library, k=cfg.slots, n=n, mode=cfg.comp_sample, seed=cfg.seed)
+
+
 @torch.no_grad()
 def compositional_generation(model: SlotAutoencoder, train_set: Scenes, n: int, cfg: SAConfig,
                              device: torch.device) -> np.ndarray:
-    """Slot library -> k-means (k = K) -> one slot from each cluster per new scene -> decode. (n, H, W, 3) uint8."""
-    library = slot_library(model.encoder, train_set, cfg.batch_size, device, cfg.amp)
-    slots = metrics.compose_slots(library, k=cfg.slots, n=n, mode=cfg.comp_sample, seed=cfg.seed)
+    """composed_slots -> Spatial Broadcast Decoder. (n, H, W, 3) uint8."""
+    slots = composed_slots(model.encoder, train_set, n, cfg, device)
     images = []
     for chunk in tqdm(slots.split(cfg.batch_size), desc="decode", leave=False):
         with trainlib.autocast(device, cfg.amp):

@@ -38,7 +38,7 @@ import trainlib
 import vae
 from data import InputError, Scenes, batch_indices, colorize_masks, get_batch, iterate_batches, load_split, save_grid
 from sa import PRESETS as SA_PRESETS
-from sa import SAConfig, SlotEncoder, check_resolution, slot_library, to_uint8
+from sa import SAConfig, SlotEncoder, check_resolution, composed_slots, to_uint8
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -686,8 +686,7 @@ def evaluate(ckpt: str | Path, cfg: SDConfig | None = None) -> dict:
     with trainlib.autocast(device, cfg.amp):
         slots, attn = model.encoder(images)
     n = cfg.num_gen or len(val_set)
-    library = slot_library(model.encoder, train_set, cfg.batch_size, device, cfg.amp)
-    composed = metrics.compose_slots(library, k=cfg.slots, n=n, mode=cfg.comp_sample, seed=cfg.seed)
+    composed = composed_slots(model.encoder, train_set, n, cfg, device)
     samples = generate(model, vqvae, torch.cat([slots.float().cpu(), composed]), cfg, device)
     recon, generated = samples[:len(images)], samples[len(images):]
 
