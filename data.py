@@ -653,6 +653,11 @@ def _make_palette() -> np.ndarray:
 PALETTE = _make_palette()  # id 0 (background) is dark grey, then 21 hand-picked distinct colours
 
 
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) model output in [-1, 1] -> (B, H, W, 3) uint8 pictures (values outside are clipped)."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
 def colorize_masks(masks: np.ndarray | torch.Tensor) -> np.ndarray:
     """(..., H, W) integer ids -> (..., H, W, 3) uint8 colours from a fixed palette."""
     if isinstance(masks, torch.Tensor):

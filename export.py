@@ -49,7 +49,7 @@ import metrics
 import sa
 import slotdiff
 import trainlib
-from data import InputError, load_split, save_grid
+from data import InputError, load_split, save_grid, to_uint8
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2"}
 OPSET = 18
@@ -409,7 +409,7 @@ def fid_sa(ckpt: Path, num_gen: int | None, device: torch.device) -> float:
     sa.check_resolution(val_set, cfg)
     torch.manual_seed(cfg.seed)  # the Gaussian slot initialisation, as sa.evaluate
     slots = sa.composed_slots(model.encoder, train_set, num_gen or cfg.num_gen or len(val_set), cfg, device)
-    images = [sa.to_uint8(ort_decode(session, dict(slots=chunk.to(device)), "image",
+    images = [to_uint8(ort_decode(session, dict(slots=chunk.to(device)), "image",
                                      (len(chunk), 3, cfg.resolution, cfg.resolution)))
               for chunk in tqdm(slots.split(cfg.batch_size), desc="decode (onnxruntime)")]
     return report_fid(np.concatenate(images), val_set.images, ckpt, device)
@@ -430,7 +430,7 @@ def fid_slotdiff(ckpt: Path, num_gen: int | None, sample_steps: int | None, devi
     for i, chunk in enumerate(tqdm(slots.split(cfg.sample_batch), desc="compositional generation (onnxruntime)")):
         z = ort_sample(step_session, model.diffusion, chunk.to(device), (vqvae.cfg.embed_dim, size, size),
                        seed=cfg.seed + i, steps=sample_steps or cfg.sample_steps)  # the seeds slotdiff.generate uses
-        images.append(sa.to_uint8(ort_decode(decoder_session, dict(latents=z), "image",
+        images.append(to_uint8(ort_decode(decoder_session, dict(latents=z), "image",
                                              (len(chunk), 3, cfg.resolution, cfg.resolution))))
     return report_fid(np.concatenate(images), val_set.images, ckpt, device)
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import metrics
 import trainlib
-from data import InputError, Scenes, colorize_masks, get_batch, iterate_batches, load_split, save_grid
+from data import InputError, Scenes, colorize_masks, get_batch, iterate_batches, load_split, save_grid, to_uint8
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -357,11 +357,6 @@ def check_resolution(scenes: Scenes, cfg: SAConfig) -> None:
 
 # ----------------------------------------------------------------------------------------------------------
 # evaluation: segmentation metrics, pictures, compositional generation + FID
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-
 
 @torch.no_grad()
 def save_samples(model: SlotAutoencoder, scenes: Scenes, cfg: SAConfig, device: torch.device, path: Path,

@@ -36,9 +36,10 @@ from tqdm import tqdm
 import metrics
 import trainlib
 import vae
-from data import InputError, Scenes, batch_indices, colorize_masks, get_batch, iterate_batches, load_split, save_grid
+from data import (InputError, Scenes, batch_indices, colorize_masks, get_batch, iterate_batches, load_split,
+                  save_grid, to_uint8)
 from sa import PRESETS as SA_PRESETS
-from sa import SAConfig, SlotEncoder, check_resolution, composed_slots, to_uint8
+from sa import SAConfig, SlotEncoder, check_resolution, composed_slots
 
 
 # ----------------------------------------------------------------------------------------------------------

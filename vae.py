@@ -389,8 +389,8 @@ def save_reconstructions(model: VQVAE, scenes: data.Scenes, path: Path, device, 
     """A PNG with n validation images on the top row and their reconstructions below."""
     images, _ = next(data.iterate_batches(scenes, n, device))
     with torch.no_grad():
-        recon = model.decode(model.encode(images * 2 - 1)).clamp(-1, 1) * 0.5 + 0.5
-    grid = (torch.cat([images, recon]).permute(0, 2, 3, 1) * 255).round().byte().cpu().numpy()
+        recon = model.decode(model.encode(images * 2 - 1))
+    grid = data.to_uint8(torch.cat([images * 2 - 1, recon]))
     data.save_grid(grid, str(path), nrow=len(images), labels=["input", "recon"])
 
 
