@@ -30,22 +30,7 @@ import sa  # noqa: E402
 import slotdiff  # noqa: E402
 import trainlib  # noqa: E402
 import vae  # noqa: E402
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start)
+from benchlib import matmul_peak, sync  # noqa: E402
 
 
 def cuda_graph_sampler(unet: torch.nn.Module, diffusion: slotdiff.Diffusion, slots: torch.Tensor, latent_shape):

@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sa  # noqa: E402
 import trainlib  # noqa: E402
+from benchlib import matmul_peak, sync  # noqa: E402
 
 
 def peak_rss_reset() -> None:
@@ -35,11 +36,6 @@ def peak_rss_gib() -> float:
     return float("nan")
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def make_step(model, opt, images, device, amp):
     def step():
         with trainlib.autocast(device, amp):
@@ -49,18 +45,6 @@ def make_step(model, opt, images, device, amp):
         opt.step()
         return loss
     return step
-
-
-def matmul_peak(device, dtype, n=2048, reps=10) -> float:
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
 def main():
