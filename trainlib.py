@@ -10,10 +10,13 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import random
+import re
 import signal
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,25 +119,43 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """torch.load with weights_only=True: a checkpoint is tensors and plain data only, so a file from elsewhere
+    (the course's vae_checkpoint.pth, a colleague's run) can never execute code while it is read."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"checkpoint {path} does not exist; train first or pass the right --ckpt/--resume path")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        with warnings.catch_warnings():  # a raw pickle's protocol warning would only precede the refusal below
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found:
+            raise InputError(f"refusing to load {path}: it contains a pickled Python object ({found.group(1)}), "
+                             f"which could run code on this machine; only checkpoints of tensors, numbers, "
+                             f"strings, lists and dicts are loaded") from None
+        raise InputError(f"checkpoint {path} is unreadable: not a PyTorch file of tensors and plain data "
+                         f"(truncated, corrupt, or a bare pickle, which is never loaded because it could run "
+                         f"code); delete it and retrain") from None
     except Exception as e:  # a truncated or foreign file: say which one, not a pickle traceback
         raise InputError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete it and retrain") from None
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain numbers (loadable with weights_only=True)."""
+    _, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [torch.from_numpy(numpy_keys.astype(np.int64)), numpy_pos, numpy_has_gauss, numpy_gauss]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

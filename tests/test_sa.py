@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import sa
+import trainlib
 
 TINY = dict(resolution=32, slots=4, slot_dim=16, slot_mlp_hidden=32, enc_channels=8, dec_channels=8,
             batch_size=4, warmup=2, steps=6, num_train=16, num_val=8, log_every=1, eval_every=3, eval_images=8,
@@ -114,14 +115,14 @@ def test_checkpoint_and_exact_resume(tmp_path, monkeypatch):
     sa.train(full)
     first = tiny_cfg(out=str(tmp_path / "split"), steps=3)
     ckpt = sa.train(first)
-    state = torch.load(ckpt, weights_only=False)
+    state = trainlib.load_checkpoint(ckpt)
     assert state["step"] == 3 and set(state) >= {"model", "optimizer", "rng", "config"}
     resumed = tiny_cfg(out=str(tmp_path / "split"), steps=6)
     sa.train(resumed, resume=str(ckpt))
     assert train_losses(tmp_path / "full") == train_losses(tmp_path / "split")   # bit-identical continuation
     assert len(train_losses(tmp_path / "full")) == 6
-    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=False)["model"]
+    a = trainlib.load_checkpoint(tmp_path / "full" / "ckpt.pt")["model"]
+    b = trainlib.load_checkpoint(tmp_path / "split" / "ckpt.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "full" / "loss_curves.png").stat().st_size > 0
 
@@ -153,6 +154,6 @@ def test_bad_arguments_give_one_clear_error(argv, needle, capsys, tmp_path, monk
 def test_time_budget_checkpoints_and_stops_early(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ckpt = sa.train(tiny_cfg(out=str(tmp_path / "run"), steps=50, max_minutes=1e-9))
-    assert torch.load(ckpt, weights_only=False)["step"] == 1
+    assert trainlib.load_checkpoint(ckpt)["step"] == 1
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("fg_ari" in r for r in records)     # the last step still logs and evaluates

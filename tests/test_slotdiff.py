@@ -10,6 +10,7 @@ import torch
 
 import data
 import slotdiff
+import trainlib
 import vae
 from slotdiff import Diffusion, ResBlock, SDConfig, SlotDiffusion, SlotTransformer, UNet
 
@@ -291,8 +292,8 @@ def test_cli_trains_resumes_exactly_and_evaluates(tmp_path, tiny_vae, monkeypatc
     slotdiff.main(TINY_CLI + ["--vae", tiny_vae, "--steps", "2", "--out", str(split), "--no-eval"])
     slotdiff.main(["--resume", str(split / "ckpt.pt"), "--steps", "4"])  # + the final evaluation
 
-    a = torch.load(straight / "ckpt.pt", weights_only=False)
-    b = torch.load(split / "ckpt.pt", weights_only=False)
+    a = trainlib.load_checkpoint(straight / "ckpt.pt")
+    b = trainlib.load_checkpoint(split / "ckpt.pt")
     assert a["step"] == b["step"] == 4
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)

@@ -1,6 +1,10 @@
 """trainlib.py: schedules, atomic checkpoints, RNG capture, metrics log truncation on resume, Ctrl-C handling."""
 import os
+import pickle
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,3 +83,46 @@ def test_loss_curve_plot_is_written(tmp_path):
     records = [{"step": s, "train_loss": 1 / s} for s in range(1, 20)] + [{"step": 10, "val_loss": 0.2}]
     trainlib.plot_loss_curves(records, tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a hostile 'checkpoint' would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoint_with_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "code_ran"
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps(_RunsCode(marker)))                 # a bare ~90-byte pickle
+    wrapped = tmp_path / "wrapped.pt"
+    torch.save({"model": {}, "config": _RunsCode(marker)}, wrapped)  # hidden inside an otherwise normal dict
+    for path in (raw, wrapped):
+        with pytest.raises(InputError, match=r"(refusing to load|unreadable).*could run code"):
+            trainlib.load_checkpoint(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["sa.py", "eval", "--ckpt", "{evil}"],
+    ["sa.py", "--resume", "{evil}"],
+    ["slotdiff.py", "--vae", "{evil}", "--steps", "1"],
+    ["slotdiff.py", "eval", "--ckpt", "{evil}"],
+    ["vae.py", "--resume", "--out", "{folder}"],
+    ["export.py", "--ckpt", "{evil}"],
+])
+def test_every_script_refuses_a_code_carrying_checkpoint(argv, tmp_path):
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "ckpt.pt"
+    torch.save({"model": {}, "step": _RunsCode(marker)}, evil)
+    root = Path(__file__).resolve().parents[1]
+    args = [a.format(evil=evil, folder=tmp_path) for a in argv]
+    run = subprocess.run([sys.executable, str(root / args[0]), *args[1:]], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode != 0
+    assert "refusing to load" in run.stderr and "posix.system" in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert not marker.exists()
