@@ -45,22 +45,25 @@ class Scenes:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Synthetic CLEVR-like scenes: textured spheres, cubes and cylinders on a textured floor in front of a textured wall.
+# Synthetic CLEVR-like scenes: spheres, cubes and cylinders on a floor in front of a wall, in two styles:
+#   "clevr":    flat-coloured objects on a plain grey floor and wall, 3-6 objects (like CLEVR6);
+#   "clevrtex": two-tone procedural textures on objects, floor and wall, 3-10 objects (like CLEVRTex).
 # Each object is ray-cast analytically over its screen bounding box only (that is what makes it fast), then the
 # objects are painted far-to-near with hard edges, so the instance mask is exactly what was drawn.
 
-GENERATOR_VERSION = 1  # bump whenever the rendered pixels change, so stale caches are not reused
+GENERATOR_VERSION = 2  # bump whenever the rendered pixels change, so stale caches are not reused
 CAMERA_POS = np.array([0.0, 6.0, -9.5], np.float32)
 CAMERA_TARGET = np.array([0.0, 0.0, 1.2], np.float32)
-FIELD_OF_VIEW_DEG = 40.0
+FIELD_OF_VIEW_DEG = 26.0
 WALL_Z = 9.0  # the back wall is the plane z = WALL_Z; the floor is y = 0
 TO_LIGHT = np.array([-0.55, 0.75, -0.4], np.float32) / np.linalg.norm([-0.55, 0.75, -0.4])
 AMBIENT, DIFFUSE = 0.38, 0.72
 PIXEL_NOISE = 0.012
-PLACE_X, PLACE_Z = (-3.4, 3.4), (-3.0, 4.2)  # where object centres may stand on the floor
+PLACE_X, PLACE_Z = (-2.4, 2.4), (-2.0, 3.2)  # where object centres may stand on the floor
 SIZE_RANGE = (0.42, 0.9)
 SHAPES = ("sphere", "cube", "cylinder")
 TEXTURES = ("checker", "stripes", "dots", "marble", "blotches")
+STYLES = ("clevr", "clevrtex")
 
 
 @dataclass
@@ -176,12 +179,15 @@ def _random_directions(rng: np.random.Generator) -> np.ndarray:
     return d / np.linalg.norm(d, axis=-1, keepdims=True)
 
 
-def _sample_look(rng: np.random.Generator, hue: float, shape: str, x: float, z: float, size: float) -> _Object:
+def _sample_look(rng: np.random.Generator, hue: float, shape: str, x: float, z: float, size: float,
+                 style: str) -> _Object:
     # saturated, fairly bright objects against a desaturated background: separable, but not flat colours
     base = _hsv_to_rgb(hue, rng.uniform(0.5, 0.95), rng.uniform(0.6, 1.0))
     second = _hsv_to_rgb((hue + rng.uniform(-0.08, 0.08)) % 1, rng.uniform(0.3, 1.0), rng.uniform(0.25, 0.55))
     if rng.random() < 0.3:  # sometimes a light second tone instead of a dark one
         second = base + (1 - base) * rng.uniform(0.45, 0.7)
+    if style == "clevr":    # flat colour: both texture tones are the base colour
+        second = base
     return _Object(shape=shape, x=x, z=z, size=size, yaw=rng.uniform(0, np.pi / 2),
                    colors=np.stack([base, second]).astype(np.float32), texture=TEXTURES[rng.integers(len(TEXTURES))],
                    tex_freq=rng.uniform(2.0, 4.5), tex_dirs=_random_directions(rng),
@@ -249,7 +255,7 @@ def _intersect(obj: _Object, rays: np.ndarray):
 
 
 def _place_objects(rng: np.random.Generator, count: int, placed: list[_Object], grid: _Grid,
-                   resolution: int) -> list[_Object]:
+                   resolution: int, style: str) -> list[_Object]:
     """Rejection-sample `count` more objects that do not touch each other and stand inside the picture."""
     hue0 = rng.random()
     for _ in range(60 * count):
@@ -262,7 +268,7 @@ def _place_objects(rng: np.random.Generator, count: int, placed: list[_Object], 
             continue
         if any(np.hypot(x - o.x, z - o.z) < FOOTPRINT[shape] * size + o.footprint + 0.1 for o in placed):
             continue
-        placed.append(_sample_look(rng, (hue0 + 0.618034 * len(placed)) % 1, shape, x, z, size))  # distinct hues
+        placed.append(_sample_look(rng, (hue0 + 0.618034 * len(placed)) % 1, shape, x, z, size, style))  # distinct hues
         count -= 1
     return placed
 
@@ -277,12 +283,15 @@ def _paint_ids(objects: list, hits: list, resolution: int) -> np.ndarray:
     return painted
 
 
-def _background(rng: np.random.Generator, grid: _Grid, objects: list[_Object], resolution: int):
-    """Textured floor + wall (anti-aliased by 2x2 supersampling) with soft blob shadows -> albedo, shade (H,W,*)."""
+def _background(rng: np.random.Generator, grid: _Grid, objects: list[_Object], resolution: int, style: str):
+    """Floor + wall (anti-aliased by 2x2 supersampling) with soft blob shadows -> albedo, shade (H,W,*).
+    clevrtex: a random two-tone texture on each plane; clevr: one plain, nearly grey colour on each."""
     def plane_texture(coords, v_lo, v_hi):  # -> its two colours and which one each sample shows
         hue = rng.random()
         c1 = _hsv_to_rgb(hue, rng.uniform(0.05, 0.3), rng.uniform(v_lo, v_hi))
         c2 = c1 * rng.uniform(0.55, 0.8) if rng.random() < 0.7 else c1 + (1 - c1) * rng.uniform(0.2, 0.35)
+        if style == "clevr":
+            c1 = c2 = _hsv_to_rgb(hue, rng.uniform(0.0, 0.08), rng.uniform(v_lo, v_hi))
         freq = rng.uniform(0.5, 1.3)
         p = np.concatenate([coords * freq, np.full((len(coords), 1), 0.5, np.float32)], -1)
         p = p + np.float32([rng.random(), rng.random(), 0])
@@ -314,8 +323,9 @@ def _background(rng: np.random.Generator, grid: _Grid, objects: list[_Object], r
 
 
 def render_scene(seed: int, resolution: int = 128, min_objects: int = 3, max_objects: int = 10,
-                 return_albedo: bool = False):
+                 style: str = "clevrtex", return_albedo: bool = False):
     """One random scene -> image (H,W,3) uint8, mask (H,W) uint8 (0 = background, ids 1..n far-to-near).
+    style: "clevr" (flat colours, plain floor and wall) or "clevrtex" (textured objects, floor and wall).
 
     With return_albedo=True also returns a dict for verifying the mask: "albedo" (H,W,3) base colour before shading
     and noise, "colors" (n,2,3) each object's two texture colours, "silhouettes" (n,H,W) where each object would be
@@ -323,13 +333,15 @@ def render_scene(seed: int, resolution: int = 128, min_objects: int = 3, max_obj
     if not 1 <= min_objects <= max_objects <= 255:
         raise InputError(f"need 1 <= min_objects <= max_objects <= 255, got {min_objects}, {max_objects}; "
                          f"fix the object-count settings")
+    if style not in STYLES:
+        raise InputError(f"unknown scene style {style!r}; choose one of {', '.join(STYLES)}")
     rng = np.random.default_rng(seed)
     grid = _grid(resolution)
     min_area = max(6, int(0.0035 * resolution * resolution))  # smaller objects would be a few unreadable pixels
     target = int(rng.integers(min_objects, max_objects + 1))
     objects: list[_Object] = []
     for _ in range(4):  # place, drop the (almost) hidden ones, top up; rarely needs a second round
-        objects = _place_objects(rng, target - len(objects), objects, grid, resolution)
+        objects = _place_objects(rng, target - len(objects), objects, grid, resolution, style)
         objects.sort(key=lambda o: -float(np.linalg.norm(o.center - CAMERA_POS)))  # far to near
         boxes = [_bbox(o, grid, resolution) for o in objects]
         hits = [(b, *_intersect(o, grid.rays[b[0]:b[1], b[2]:b[3]])) if b else (None, None, None, None)
@@ -344,7 +356,7 @@ def render_scene(seed: int, resolution: int = 128, min_objects: int = 3, max_obj
         if len(objects) >= target:
             break
 
-    albedo, shade = _background(rng, grid, objects, resolution)
+    albedo, shade = _background(rng, grid, objects, resolution, style)
     image = albedo * shade[..., None]
     for k, (obj, (box, hit, normal, local)) in enumerate(zip(objects, hits)):
         r0, r1, c0, c1 = box
@@ -412,18 +424,18 @@ def _load_cached(folder: Path, name: str) -> Scenes | None:
 
 
 def synthetic_scenes(n: int, resolution: int, seed: int, cache_dir: str = ".cache", min_objects: int = 3,
-                     max_objects: int = 10) -> Scenes:
+                     max_objects: int = 10, style: str = "clevrtex") -> Scenes:
     """n scenes, scene i rendered from seed `seed + i`; cached on disk under a hash of all generator settings."""
     if n < 1 or resolution < 16:
         raise InputError(f"need n >= 1 and resolution >= 16, got n={n}, resolution={resolution}")
     settings = dict(version=GENERATOR_VERSION, n=n, resolution=resolution, seed=seed, min_objects=min_objects,
-                    max_objects=max_objects)
+                    max_objects=max_objects, style=style)
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(cache_dir) / "synthetic" / key
-    name = f"synthetic-{resolution}-seed{seed}-n{n}"
+    name = f"synthetic-{style}-{resolution}-seed{seed}-n{n}"
     if (cached := _load_cached(folder, name)) is not None:
         return cached
-    jobs = [(seed + i, resolution, min_objects, max_objects) for i in range(n)]
+    jobs = [(seed + i, resolution, min_objects, max_objects, style) for i in range(n)]
     images, masks = _run_chunks(render_scene, jobs, f"rendering {name}")
     _atomic_save(folder, images=images, masks=masks)
     return _load_cached(folder, name)
@@ -439,11 +451,14 @@ LAYOUTS_HELP = """accepted dataset layouts:
                             (split by index: test 0-10%, val 10-20%, train 20-100%)
   generic folder:           ROOT/{train,val,test}/images/<name>.png|.jpg
                             ROOT/{train,val,test}/masks/<name>.png   (integer ids with 0 = background, or colours)
-or pass --data synthetic for the built-in generator"""
+or pass --data synthetic-clevr or --data synthetic-clevrtex for the built-in generator"""
 LOADER_VERSION = 1
 CLEVRTEX_CROP = 192  # SlotDiffusion's CLEVRTex preprocessing: centre crop 192x192 of the 320x240 render, then resize
 SPLITS = ("train", "val", "test")
 SYNTHETIC_SPLITS = {"train": (0, 5000), "val": (10_000_000, 500), "test": (20_000_000, 500)}  # seed base, default n
+# --data names of the embedded generator: its style and object counts
+SYNTHETIC = {"synthetic-clevr": dict(style="clevr", min_objects=3, max_objects=6),
+             "synthetic-clevrtex": dict(style="clevrtex", min_objects=3, max_objects=10)}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -584,19 +599,23 @@ def _load_folder(root: Path, split: str, resolution: int, limit: int | None, cac
 
 
 def load_split(data: str, split: str, resolution: int, limit: int | None = None, cache_dir: str = ".cache") -> Scenes:
-    """data = "synthetic" or a dataset folder (layout auto-detected); split in train/val/test."""
+    """data = a name in SYNTHETIC (the embedded generator) or a dataset folder (layout auto-detected);
+    split in train/val/test."""
     if limit is not None and limit < 1:
         raise InputError(f"limit must be >= 1 (or None for everything), got {limit}")
-    if data == "synthetic":
+    if data in SYNTHETIC:
         if split not in SYNTHETIC_SPLITS:
             raise InputError(f"unknown split {split!r}; use train, val or test")
         seed, default_n = SYNTHETIC_SPLITS[split]
         n = limit or default_n
         if n > 10_000_000:
             raise InputError(f"limit {n} is too large: split seeds are 10,000,000 apart; use a smaller --limit")
-        scenes = synthetic_scenes(n, resolution, seed, cache_dir)
-        scenes.name = f"synthetic-{resolution}-{split}"
+        scenes = synthetic_scenes(n, resolution, seed, cache_dir, **SYNTHETIC[data])
+        scenes.name = f"{data}-{resolution}-{split}"
         return scenes
+    if data.startswith("synthetic") and not Path(data).exists():
+        raise InputError(f"--data {data}: the embedded generator is {' or '.join(SYNTHETIC)} (plain CLEVR-like "
+                         f"or textured CLEVRTex-like scenes)")
     return _load_folder(Path(data), split, resolution, limit, cache_dir)
 
 
@@ -699,7 +718,7 @@ def save_grid(images: np.ndarray, path: str, nrow: int, labels: list[str] | None
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Load or generate a dataset split, print stats, save a preview.")
     parser.add_argument("--preview", default="out/preview.png", help="where to write the preview grid")
-    parser.add_argument("--data", default="synthetic", help="'synthetic' or a dataset folder")
+    parser.add_argument("--data", default="synthetic-clevr", help=f"{' or '.join(SYNTHETIC)} or a dataset folder")
     parser.add_argument("--split", default="train")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--n", type=int, default=16, help="scenes to preview (synthetic: scenes to generate)")
@@ -709,15 +728,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.n < 1:
             raise InputError(f"--n must be >= 1, got {args.n}")
-        if args.data == "synthetic":
+        if args.data in SYNTHETIC:
             seed = SYNTHETIC_SPLITS.get(args.split, (0, 0))[0]
             start = time.perf_counter()
             for i in range(min(args.n, 32)):  # uncached timing on this process's single core
-                render_scene(seed + i, args.resolution)
+                render_scene(seed + i, args.resolution, **SYNTHETIC[args.data])
             speed = min(args.n, 32) / (time.perf_counter() - start)
             print(f"generator speed: {speed:.0f} images/s at {args.resolution}x{args.resolution} "
                   f"(one process, wall clock)")
-        scenes = load_split(args.data, args.split, args.resolution, args.n if args.data == "synthetic" else
+        scenes = load_split(args.data, args.split, args.resolution, args.n if args.data in SYNTHETIC else
                             args.limit, args.cache_dir)
         counts = np.array([int(m.max()) for m in scenes.masks])
         print(f"{scenes.name}: {len(scenes)} scenes at {args.resolution}x{args.resolution}; objects per scene "

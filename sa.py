@@ -16,7 +16,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,17 +36,23 @@ from data import InputError, Scenes, colorize_masks, get_batch, iterate_batches,
 @dataclass
 class SAConfig:
     # data
-    data: str = "synthetic"        # "synthetic" (embedded generator) or a dataset folder
+    data: str = "synthetic-clevr"  # synthetic-clevr / synthetic-clevrtex (embedded generator) or a dataset folder
     resolution: int = 128
     num_train: int | None = None   # synthetic only: scenes to generate (None = data.py's default)
     num_val: int | None = None
     # model (official object-discovery settings)
-    slots: int = 11
+    slots: int = 11                # 0 = the most objects in a training scene + 1 (the paper's rule: 7 for CLEVR6)
     iters: int = 3
     slot_dim: int = 64
     slot_mlp_hidden: int = 128
     slot_init: str = "gaussian"    # "gaussian": slots ~ N(mu, sigma) (paper); "learned": K learned vectors
+    slot_grad: str = "full"        # "full": backprop through every iteration (paper); "implicit": through the
+                                   # last only (Chang et al. 2022); "bo-qsa": implicit + straight-through to the
+                                   # initial slots (Jia et al. 2023)
     enc_channels: int = 64
+    enc_stride: int = 1            # stride of the first encoder conv: 2 halves the tokens Slot Attention reads
+    weight_init: str = "torch"     # "torch": PyTorch's default layer init; "xavier": the official (TF/Keras) code's
+                                   # Glorot-uniform weights, orthogonal GRU recurrence, zero biases
     dec_channels: int = 64
     broadcast_size: int = 8        # the decoder upsamples this grid to `resolution` by stride-2 steps
     # optimisation (paper: batch 64, Adam 4e-4, 10k warm-up, x0.5 every 100k, 500k steps)
@@ -75,18 +81,20 @@ class SAConfig:
 
 PRESETS = {
     "paper": dict(resolution=128, batch_size=64, lr=4e-4, warmup=10_000, decay_every=100_000, steps=500_000),
-    # A 2-core CPU: 64x64 images, half-width CNNs, a short warm-up, and a 16-minute training budget so that
-    # `make demo` ends within 25 minutes (a faster machine simply gets through more of the 20k steps).
-    "cpu": dict(resolution=64, enc_channels=32, dec_channels=32, batch_size=32, lr=4e-4, warmup=500,
-                decay_every=5_000, steps=20_000, max_minutes=16, num_train=5_000, num_val=500, log_every=25,
+    # A 2-core CPU (chosen with bench/bench_learning.py; see the README's learning-curve table)
+    "cpu": dict(resolution=32, slots=7, enc_channels=32, dec_channels=32, batch_size=32, lr=4e-4, warmup=500,
+                decay_every=5_000, steps=100_000, max_minutes=16, num_train=5_000, num_val=500, log_every=25,
                 eval_every=500, eval_images=128, ckpt_every=500),
 }
 
 
 def validate(cfg: SAConfig) -> None:
     """Catch impossible settings here, with the fix, instead of as a shape error deep inside torch."""
-    if cfg.slots < 1:
-        raise InputError(f"--slots {cfg.slots}: need at least 1 slot (the paper uses 7 for CLEVR6, 11 for CLEVR10)")
+    if cfg.slots < 0:
+        raise InputError(f"--slots {cfg.slots}: need at least 1 slot, or 0 for the most objects in a training "
+                         f"scene + 1 (the paper uses 7 for CLEVR6, 11 for CLEVR10)")
+    if cfg.max_minutes < 0 or not math.isfinite(cfg.max_minutes):
+        raise InputError(f"--max-minutes {cfg.max_minutes}: give a positive time budget, or 0 for none")
     if cfg.iters < 1:
         raise InputError(f"--iters {cfg.iters}: Slot Attention needs at least 1 iteration (paper: 3)")
     ratio = cfg.resolution / cfg.broadcast_size
@@ -96,6 +104,12 @@ def validate(cfg: SAConfig) -> None:
                          f"(or change --broadcast-size)")
     if cfg.slot_init not in ("gaussian", "learned"):
         raise InputError(f"--slot-init {cfg.slot_init!r}: choose 'gaussian' or 'learned'")
+    if cfg.weight_init not in ("torch", "xavier"):
+        raise InputError(f"--weight-init {cfg.weight_init!r}: choose 'torch' or 'xavier'")
+    if cfg.slot_grad not in SLOT_GRADS:
+        raise InputError(f"--slot-grad {cfg.slot_grad!r}: choose one of {', '.join(SLOT_GRADS)}")
+    if cfg.enc_stride not in (1, 2) or cfg.resolution % cfg.enc_stride:
+        raise InputError(f"--enc-stride {cfg.enc_stride}: choose 1 or 2 (2 needs an even --resolution)")
     if cfg.comp_sample not in ("member", "gaussian"):
         raise InputError(f"--comp-sample {cfg.comp_sample!r}: choose 'member' or 'gaussian'")
     if cfg.batch_size < 1 or cfg.steps < 0:
@@ -123,13 +137,21 @@ class SoftPositionEmbed(nn.Module):
         return x + self.proj(self.grid).permute(0, 3, 1, 2)
 
 
+SLOT_GRADS = ("full", "implicit", "bo-qsa")
+
+
 class SlotAttention(nn.Module):
-    """Algorithm 1 of Locatello et al. 2020; returns the slots and the last iteration's attention (B, K, N)."""
+    """Algorithm 1 of Locatello et al. 2020; returns the slots and the last iteration's attention (B, K, N).
+
+    grad="full" backpropagates through every iteration, as in the paper. "implicit" (Chang et al. 2022) treats
+    the iterations as a fixed-point solver and backpropagates through the last one only, which avoids the
+    unstable gradients of the unrolled loop. "bo-qsa" (Jia et al. 2023) adds a straight-through path from the
+    last iteration to the initial slots, so that learned initial slots (queries) get a gradient."""
 
     def __init__(self, num_slots: int, dim: int, input_dim: int, iters: int = 3, mlp_hidden: int = 128,
-                 init: str = "gaussian", eps: float = 1e-8):
+                 init: str = "gaussian", grad: str = "full", eps: float = 1e-8):
         super().__init__()
-        self.num_slots, self.dim, self.iters, self.eps = num_slots, dim, iters, eps
+        self.num_slots, self.dim, self.iters, self.grad, self.eps = num_slots, dim, iters, grad, eps
         self.scale = dim ** -0.5
         self.norm_inputs = nn.LayerNorm(input_dim)
         self.norm_slots = nn.LayerNorm(dim)
@@ -156,8 +178,13 @@ class SlotAttention(nn.Module):
         b = inputs.shape[0]
         inputs = self.norm_inputs(inputs)                                   # line 2
         k, v = self.to_k(inputs), self.to_v(inputs)                         # computed once, used every iteration
-        slots = self.initial_slots(b)                                       # line 1
-        for _ in range(self.iters):                                         # line 3
+        initial = self.initial_slots(b)                                     # line 1
+        slots = initial
+        for t in range(self.iters):                                         # line 3
+            if t == self.iters - 1 and self.grad != "full":
+                slots = slots.detach()                                      # implicit: gradient of the last step
+                if self.grad == "bo-qsa":
+                    slots = slots + initial - initial.detach()              # value: slots; gradient: to initial
             slots_prev = slots
             q = self.to_q(self.norm_slots(slots))                           # lines 5, 6
             logits = torch.einsum("bkd,bnd->bkn", q, k) * self.scale
@@ -176,12 +203,13 @@ class SlotEncoder(nn.Module):
         super().__init__()
         c = cfg.enc_channels
         layers = []
-        for i in range(4):  # 4 x (5x5 conv, stride 1): the feature map keeps the image resolution
-            layers += [nn.Conv2d(3 if i == 0 else c, c, 5, padding=2), nn.ReLU()]
+        for i in range(4):  # 4 x 5x5 conv; stride 1 keeps the image resolution, a first stride 2 quarters the tokens
+            layers += [nn.Conv2d(3 if i == 0 else c, c, 5, stride=cfg.enc_stride if i == 0 else 1, padding=2), nn.ReLU()]
         self.cnn = nn.Sequential(*layers)
-        self.pos = SoftPositionEmbed(c, cfg.resolution)
+        self.pos = SoftPositionEmbed(c, cfg.resolution // cfg.enc_stride)
         self.mlp = nn.Sequential(nn.LayerNorm(c), nn.Linear(c, c), nn.ReLU(), nn.Linear(c, c))
-        self.slot_attention = SlotAttention(cfg.slots, cfg.slot_dim, c, cfg.iters, cfg.slot_mlp_hidden, cfg.slot_init)
+        self.slot_attention = SlotAttention(cfg.slots, cfg.slot_dim, c, cfg.iters, cfg.slot_mlp_hidden, cfg.slot_init,
+                                            cfg.slot_grad)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.pos(self.cnn(images * 2 - 1))          # the paper feeds images in [-1, 1]
@@ -214,11 +242,28 @@ class SpatialBroadcastDecoder(nn.Module):
         return recon, masks, rgb
 
 
+def xavier_init_(model: nn.Module) -> None:
+    """Keras' defaults, which the official Slot Attention code trains with: Glorot-uniform weights, an orthogonal
+    GRU recurrence, zero biases (PyTorch's defaults give each layer about a third of that weight variance)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.GRUCell):
+            nn.init.xavier_uniform_(module.weight_ih)
+            nn.init.orthogonal_(module.weight_hh)
+            nn.init.zeros_(module.bias_ih)
+            nn.init.zeros_(module.bias_hh)
+
+
 class SlotAutoencoder(nn.Module):
     def __init__(self, cfg: SAConfig):
         super().__init__()
         self.encoder = SlotEncoder(cfg)
         self.decoder = SpatialBroadcastDecoder(cfg)
+        if cfg.weight_init == "xavier":
+            xavier_init_(self)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         slots, attn = self.encoder(images)
@@ -232,6 +277,23 @@ class SlotAutoencoder(nn.Module):
 
 def lr_at(step: int, cfg: SAConfig) -> float:
     return trainlib.lr_warmup_step_decay(step, cfg.lr, cfg.warmup, cfg.decay_every, cfg.decay_rate)
+
+
+def train_step(step_model: nn.Module, model: SlotAutoencoder, opt: torch.optim.Optimizer, scaler, images: torch.Tensor,
+               step: int, cfg: SAConfig, device: torch.device) -> torch.Tensor:
+    """One optimiser step (step_model: the compiled / DDP view of model); returns the loss."""
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    with trainlib.autocast(device, cfg.amp):
+        loss = step_model(images)["loss"]
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if cfg.grad_clip > 0:
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    return loss
 
 
 def checkpoint_state(model: nn.Module, opt: torch.optim.Optimizer, scaler, step: int, cfg: SAConfig) -> dict:
@@ -276,6 +338,7 @@ def train(cfg: SAConfig, resume: str | None = None) -> Path | None:
     train_set = load_split(cfg.data, "train", cfg.resolution, cfg.num_train)
     val_set = load_split(cfg.data, "val", cfg.resolution, cfg.num_val)
     check_resolution(train_set, cfg)
+    cfg = with_slots_for(train_set, cfg)
 
     model = SlotAutoencoder(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -301,29 +364,19 @@ def train(cfg: SAConfig, resume: str | None = None) -> Path | None:
     epoch_size = len(train_set)
 
     budget = trainlib.TimeBudget(cfg.max_minutes)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not master,
-               dynamic_ncols=True)
+    bar = trainlib.TrainProgress(start, cfg.steps, cfg.max_minutes, disable=not master)
     with trainlib.StopOnInterrupt() as interrupt:
-        for step in bar:
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg)
+        for step in range(start, cfg.steps):
             images, _ = get_batch(train_set, step, cfg.batch_size, cfg.seed, device, ddp.rank, ddp.world_size)
-            with trainlib.autocast(device, cfg.amp):
-                loss = step_model(images)["loss"]
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
+            loss = train_step(step_model, model, opt, scaler, images, step, cfg, device)
             done = step + 1
             out_of_time = budget.expired(ddp.world_size, device)
             last = done == cfg.steps or out_of_time
+            bar.update(done)
 
             if master and (done % cfg.log_every == 0 or last):
                 loss_value = loss.item()
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_at(step, cfg):.1e}")
+                bar.show(done, loss=f"{loss_value:.4f}", lr=f"{lr_at(step, cfg):.1e}")
                 log.log(step=done, epoch=done * images_per_step / epoch_size, train_loss=loss_value,
                         lr=lr_at(step, cfg))
             if master and (done % cfg.eval_every == 0 or last):
@@ -346,6 +399,16 @@ def train(cfg: SAConfig, resume: str | None = None) -> Path | None:
     if ddp.world_size > 1:
         torch.distributed.destroy_process_group()
     return ckpt_path if master else None
+
+
+def with_slots_for(scenes: Scenes, cfg):
+    """cfg (SAConfig or SDConfig) with --slots 0 resolved to the most objects in one of the scenes + 1 (one slot
+    for the background)."""
+    if cfg.slots:
+        return cfg
+    most = int(np.asarray(scenes.masks).reshape(len(scenes), -1).max(axis=1).max())
+    print(f"--slots 0: {most + 1} slots (the most objects in a scene of {scenes.name} is {most}, + 1 for the background)")
+    return replace(cfg, slots=most + 1)
 
 
 def check_resolution(scenes: Scenes, cfg: SAConfig) -> None:
@@ -412,6 +475,20 @@ def compositional_generation(model: SlotAutoencoder, train_set: Scenes, n: int, 
     return np.concatenate(images)
 
 
+@torch.no_grad()
+def reconstructions(model: SlotAutoencoder, scenes: Scenes, cfg: SAConfig, device: torch.device) -> np.ndarray:
+    """Every image decoded from its own slots, (N, H, W, 3) uint8: the FID these get is the floor that
+    compositional generation (slots from different images) is measured against."""
+    model.eval()
+    images = []
+    for batch, _ in tqdm(iterate_batches(scenes, cfg.batch_size, device), total=math.ceil(len(scenes) / cfg.batch_size),
+                         desc="reconstruct", leave=False):
+        with trainlib.autocast(device, cfg.amp):
+            images.append(to_uint8(model(batch)["recon"]))
+    model.train()
+    return np.concatenate(images)
+
+
 def evaluate(ckpt: str | Path, cfg: SAConfig | None = None) -> dict:
     """Full evaluation of a checkpoint (with its own config unless one is given); writes val_metrics.json,
     samples.png, comp_grid.png and the generated images in comp_gen/ next to the checkpoint."""
@@ -433,13 +510,16 @@ def evaluate(ckpt: str | Path, cfg: SAConfig | None = None) -> dict:
     generated = compositional_generation(model, train_set, n, cfg, device)
     metrics.save_images(generated, str(out / "comp_gen"))
     save_grid(generated[:64], str(out / "comp_grid.png"), nrow=8)
-    result["fid"] = metrics.fid(val_set.images, generated, device=str(device))
+    val_stats = metrics.fid_stats(val_set.images, device=str(device))
+    result["fid"] = metrics.fid(val_stats, generated, device=str(device))
+    result["recon_fid"] = metrics.fid(val_stats, reconstructions(model, val_set, cfg, device), device=str(device))
     result.update(step=state["step"], val_images=len(val_set), generated_images=n, comp_sample=cfg.comp_sample,
                   objects_per_scene=float(np.mean([len(np.unique(m)) - 1 for m in val_set.masks])))
     (out / "val_metrics.json").write_text(json.dumps(result, indent=2))
     print(f"val ({len(val_set)} images): ARI {result['ari']:.4f}  FG-ARI {result['fg_ari']:.4f}  mBO {result['mbo']:.4f}  "
           f"loss {result['val_loss']:.5f}\ncompositional FID ({n} generated vs {len(val_set)} val, "
-          f"{cfg.comp_sample} sampling): {result['fid']:.2f}\nwrote {out}/val_metrics.json, samples.png, "
+          f"{cfg.comp_sample} sampling): {result['fid']:.2f}   reconstruction FID (val decoded from its own "
+          f"slots): {result['recon_fid']:.2f}\nwrote {out}/val_metrics.json, samples.png, "
           f"comp_grid.png, loss_curves.png")
     return result
 
@@ -480,7 +560,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         ckpt = train(cfg, resume=args.resume)
         if ckpt is not None and not args.no_eval:
-            evaluate(ckpt, cfg)
+            evaluate(ckpt)  # with the checkpoint's config, where --slots 0 is resolved
     except InputError as e:
         sys.exit(f"error: {e}")
 

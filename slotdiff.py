@@ -39,7 +39,7 @@ import vae
 from data import (InputError, Scenes, batch_indices, colorize_masks, get_batch, iterate_batches, load_split,
                   save_grid, to_uint8)
 from sa import PRESETS as SA_PRESETS
-from sa import SAConfig, SlotEncoder, check_resolution, composed_slots
+from sa import SAConfig, SlotEncoder, check_resolution, composed_slots, with_slots_for
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -48,7 +48,7 @@ from sa import SAConfig, SlotEncoder, check_resolution, composed_slots
 @dataclass
 class SDConfig:
     # data
-    data: str = "synthetic"        # "synthetic" (embedded generator) or a dataset folder
+    data: str = SAConfig.data      # synthetic-clevr / synthetic-clevrtex (embedded generator) or a dataset folder
     resolution: int = 128
     num_train: int | None = None   # synthetic only: scenes to generate (None = data.py's default)
     num_val: int | None = None
@@ -58,7 +58,9 @@ class SDConfig:
     slot_dim: int = SAConfig.slot_dim
     slot_mlp_hidden: int = SAConfig.slot_mlp_hidden
     slot_init: str = SAConfig.slot_init
+    slot_grad: str = SAConfig.slot_grad
     enc_channels: int = SAConfig.enc_channels
+    enc_stride: int = SAConfig.enc_stride
     # the frozen VQ-VAE whose latents are denoised: a checkpoint, or None = train one here once (cached)
     vae: str | None = None
     # UNet
@@ -97,7 +99,8 @@ class SDConfig:
     num_gen: int | None = None     # images to generate for FID (None = size of the val split)
 
 
-ENCODER_FIELDS = ("resolution", "slots", "iters", "slot_dim", "slot_mlp_hidden", "slot_init", "enc_channels")
+ENCODER_FIELDS = ("resolution", "slots", "iters", "slot_dim", "slot_mlp_hidden", "slot_init", "slot_grad",
+                  "enc_channels", "enc_stride")
 
 
 def sa_preset_values(preset: str) -> dict:
@@ -123,8 +126,9 @@ def encoder_config(cfg: SDConfig) -> SAConfig:
 
 def validate(cfg: SDConfig) -> None:
     """Catch impossible settings here, with the fix, instead of as a shape error deep inside torch."""
-    if cfg.slots < 1:
-        raise InputError(f"--slots {cfg.slots}: need at least 1 slot (the paper uses 11 for CLEVR10)")
+    if cfg.slots < 0:
+        raise InputError(f"--slots {cfg.slots}: need at least 1 slot, or 0 for the most objects in a training "
+                         f"scene + 1 (the paper uses 11 for CLEVR10)")
     if cfg.iters < 1:
         raise InputError(f"--iters {cfg.iters}: Slot Attention needs at least 1 iteration (paper: 3)")
     if cfg.slot_init not in ("gaussian", "learned"):
@@ -542,6 +546,7 @@ def train(cfg: SDConfig, resume: str | None = None) -> Path | None:
     train_set = load_split(cfg.data, "train", cfg.resolution, cfg.num_train)
     val_set = load_split(cfg.data, "val", cfg.resolution, cfg.num_val)
     check_resolution(train_set, cfg)
+    cfg = with_slots_for(train_set, cfg)
     with master_first(ddp.world_size, master):
         cfg = replace(cfg, vae=ensure_vae(cfg))
         vqvae, vae_hash = load_frozen_vae(cfg, device)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from data import InputError
 
@@ -188,26 +189,39 @@ class MetricsLog:
 
 
 def plot_loss_curves(records: list[dict], png_path: str | Path, keys=("train_loss", "val_loss"),
-                     x: str = "step", title: str = "") -> None:
+                     x: str = "step", title: str = "", scores=("fg_ari", "ari", "mbo")) -> None:
+    """Losses (log scale) on the left; on the right, the segmentation scores of the periodic evaluations, when
+    there are any, so a reader sees whether falling loss means objects are being found."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key in keys:
-        pts = [(r[x], r[key]) for r in records if key in r and x in r]
-        if pts:
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, label=key.replace("_", " "))
-    ax.set_xlabel(x)
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(title)
+    def draw(ax, names):
+        for key in names:
+            pts = [(r[x], r[key]) for r in records if key in r and x in r]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, label=SCORE_NAMES.get(key, key))
+        ax.set_xlabel(x)
+        ax.grid(alpha=0.3)
+        ax.legend()
+
+    has_scores = any(key in r for r in records for key in scores)
+    fig, axes = plt.subplots(1, 2 if has_scores else 1, figsize=(12 if has_scores else 7, 4), squeeze=False)
+    draw(axes[0, 0], keys)
+    axes[0, 0].set_ylabel("loss")
+    axes[0, 0].set_yscale("log")
+    axes[0, 0].set_title(title)
+    if has_scores:
+        draw(axes[0, 1], scores)
+        axes[0, 1].set_ylim(min(0.0, *(r[k] for r in records for k in scores if k in r)), 1.0)
+        axes[0, 1].set_title("val segmentation (periodic eval subset)")
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
+
+
+SCORE_NAMES = {"fg_ari": "FG-ARI", "ari": "ARI", "mbo": "mBO", "train_loss": "train loss", "val_loss": "val loss"}
 
 
 class StopOnInterrupt:
@@ -246,3 +260,36 @@ class TimeBudget:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             late = bool(flag.item())
         return late
+
+
+class TrainProgress:
+    """The training progress bar, with a true total and ETA: under a time budget it fills with the budget's
+    seconds (or the steps, whichever runs out first), so its ETA is the budget's end, not `--steps` at the
+    current speed; without one it counts steps."""
+
+    def __init__(self, start: int, steps: int, minutes: float, disable: bool = False):
+        self.start, self.steps, self.seconds = start, steps, minutes * 60
+        self.began = time.monotonic()
+        if self.seconds > 0:
+            self.bar = tqdm(total=1000, desc="train", disable=disable, dynamic_ncols=True,
+                            bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining} of the "
+                                       f"{minutes:g}-minute budget" + "{postfix}")
+        else:
+            self.bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=disable, dynamic_ncols=True)
+
+    def update(self, done: int) -> None:
+        if self.seconds > 0:
+            fraction = max((time.monotonic() - self.began) / self.seconds,
+                           (done - self.start) / max(1, self.steps - self.start))
+            self.bar.update(min(1000, int(fraction * 1000)) - self.bar.n)
+        else:
+            self.bar.update(done - self.bar.n)
+
+    def show(self, done: int, **values: str) -> None:
+        self.bar.set_postfix(step=f"{done}/{self.steps}", **values)
+
+    def write(self, text: str) -> None:
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -8,7 +8,7 @@ CLEVRTex (ch 64, ch_mult (1,2,4), 2 res blocks, single-head attention in the mid
     decode:  z -> nearest codebook entry -> post_quant_conv -> Decoder -> image (roughly [-1,1], not clamped)
 
 Run as a script it trains a VQ-VAE on a dataset (see `main` at the bottom):
-    python vae.py --data synthetic --preset cpu --out runs/vae
+    python vae.py --data synthetic-clevr --preset cpu --out runs/vae
 """
 from __future__ import annotations
 
@@ -396,7 +396,7 @@ def save_reconstructions(model: VQVAE, scenes: data.Scenes, path: Path, device, 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train the VQ-VAE whose latents SlotDiffusion diffuses.")
-    p.add_argument("--data", default="synthetic", help="'synthetic' or a dataset folder")
+    p.add_argument("--data", default="synthetic-clevr", help="synthetic-clevr, synthetic-clevrtex or a dataset folder")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--out", default="runs/vae", help="folder for ckpt.pt, metrics and images")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")

@@ -23,10 +23,11 @@ def test_generator_is_deterministic_and_seeds_differ():
     assert np.abs(image.astype(int) - other_image).mean() > 10
 
 
+@pytest.mark.parametrize("style", data.STYLES)
 @pytest.mark.parametrize("resolution", [32, 64, 128])
-def test_mask_is_exactly_what_was_painted(resolution):
+def test_mask_is_exactly_what_was_painted(resolution, style):
     for seed in range(8):
-        image, mask, info = data.render_scene(seed, resolution, return_albedo=True)
+        image, mask, info = data.render_scene(seed, resolution, style=style, return_albedo=True)
         n = len(info["colors"])
         assert set(np.unique(mask)) == set(range(n + 1))  # contiguous ids, nothing hidden left behind
         silhouettes = info["silhouettes"]
@@ -87,11 +88,32 @@ def test_synthetic_cache_is_reused(tmp_path, monkeypatch):
         data.synthetic_scenes(5, 32, seed=4, cache_dir=str(tmp_path))
 
 
-def test_synthetic_splits_do_not_overlap(tmp_path):
-    train = data.load_split("synthetic", "train", 32, limit=3, cache_dir=str(tmp_path))
-    val = data.load_split("synthetic", "val", 32, limit=3, cache_dir=str(tmp_path))
-    assert train.name == "synthetic-32-train"
+def test_plain_style_is_flat_colours_on_a_plain_background_with_3_to_6_objects(tmp_path):
+    scenes = data.load_split("synthetic-clevr", "train", 64, limit=60, cache_dir=str(tmp_path))
+    counts = [int(m.max()) for m in scenes.masks]
+    assert min(counts) == 3 and max(counts) == 6
+    for seed in range(10):
+        _, mask, info = data.render_scene(seed, 64, min_objects=3, max_objects=6, style="clevr", return_albedo=True)
+        for k in range(1, int(mask.max()) + 1):           # one base colour per object: no texture
+            assert len(np.unique(info["albedo"][mask == k], axis=0)) == 1
+        floor = info["albedo"][-8:][mask[-8:] == 0]       # the bottom rows are floor only
+        assert len(np.unique(floor, axis=0)) == 1         # plain floor: one colour (shading and noise come later)
+    textured = data.render_scene(0, 64, return_albedo=True)[2]["albedo"][-8:]
+    assert len(np.unique(textured.reshape(-1, 3), axis=0)) > 1
+
+
+def test_synthetic_splits_do_not_overlap_and_styles_differ(tmp_path):
+    train = data.load_split("synthetic-clevr", "train", 32, limit=3, cache_dir=str(tmp_path))
+    val = data.load_split("synthetic-clevr", "val", 32, limit=3, cache_dir=str(tmp_path))
+    textured = data.load_split("synthetic-clevrtex", "train", 32, limit=3, cache_dir=str(tmp_path))
+    assert train.name == "synthetic-clevr-32-train" and textured.name == "synthetic-clevrtex-32-train"
     assert not any(np.array_equal(a, b) for a in train.images for b in val.images)
+    assert not np.array_equal(np.asarray(train.images), np.asarray(textured.images))
+
+
+def test_unknown_synthetic_name_lists_the_variants(tmp_path):
+    with pytest.raises(InputError, match="synthetic-clevr or synthetic-clevrtex"):
+        data.load_split("synthetic", "train", 32, limit=3, cache_dir=str(tmp_path))
 
 
 # ------------------------------------------------------------------------------------------------ real-data loaders

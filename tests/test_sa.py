@@ -79,6 +79,64 @@ def test_slot_attention_matches_reference(init):
     torch.testing.assert_close(attn, ref_attn, rtol=1e-9, atol=1e-9)
 
 
+def test_gradient_modes_change_gradients_not_values():
+    """full / implicit / bo-qsa compute the same slots; they differ only in where gradients flow."""
+    torch.manual_seed(0)
+    m = sa.SlotAttention(num_slots=4, dim=8, input_dim=6, iters=3, mlp_hidden=16, init="learned").double()
+    inputs = torch.randn(2, 30, 6, dtype=torch.float64)
+    outputs, grads = {}, {}
+    for mode in sa.SLOT_GRADS:
+        m.grad = mode
+        m.zero_grad()
+        slots, _ = m(inputs)
+        slots.square().sum().backward()
+        outputs[mode] = slots.detach()
+        grads[mode] = {n: None if p.grad is None else p.grad.clone() for n, p in m.named_parameters()}
+    torch.testing.assert_close(outputs["full"], outputs["implicit"], rtol=0, atol=0)
+    torch.testing.assert_close(outputs["full"], outputs["bo-qsa"], rtol=0, atol=1e-12)  # s + i - i rounds
+    # implicit: the initial slots only reach the loss through the detached iterations -> no gradient
+    assert grads["implicit"]["slots_init"] is None or not grads["implicit"]["slots_init"].any()
+    assert not torch.allclose(grads["full"]["to_q.weight"], grads["implicit"]["to_q.weight"])
+    # bo-qsa: the initial slots get exactly the gradient that reaches the last iteration's input slots
+    m.grad = "full"
+    with torch.no_grad():
+        m.iters = 2
+        before_last, _ = m(inputs)
+        m.iters = 3
+    leaf = before_last.clone().requires_grad_(True)
+    m.iters, m.initial_slots = 1, lambda b: leaf
+    m.zero_grad()
+    last, _ = m(inputs)
+    last.square().sum().backward()
+    torch.testing.assert_close(grads["bo-qsa"]["slots_init"], leaf.grad.sum(0, keepdim=True))
+    for name in ("to_q.weight", "to_k.weight", "gru.weight_hh"):   # and the same weight gradients as implicit
+        torch.testing.assert_close(grads["bo-qsa"][name], grads["implicit"][name])
+
+
+def test_xavier_init_matches_keras_defaults():
+    model = sa.SlotAutoencoder(tiny_cfg(weight_init="xavier"))
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            w = module.weight
+            fan_in, fan_out = torch.nn.init._calculate_fan_in_and_fan_out(w)
+            assert w.abs().max() <= math.sqrt(6 / (fan_in + fan_out)) + 1e-7      # Glorot-uniform bound
+            assert w.var().item() == pytest.approx(2 / (fan_in + fan_out), rel=0.35)
+            assert module.bias is None or not module.bias.any()
+    gru = model.encoder.slot_attention.gru
+    torch.testing.assert_close(gru.weight_hh.T @ gru.weight_hh, torch.eye(gru.hidden_size), atol=1e-5, rtol=0)
+    assert not gru.bias_ih.any() and not gru.bias_hh.any()
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in model.modules()
+               if isinstance(m, torch.nn.LayerNorm))
+
+
+def test_slots_zero_means_most_objects_plus_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    scenes = sa.load_split("synthetic-clevr", "train", 32, 16)
+    cfg = sa.with_slots_for(scenes, tiny_cfg(slots=0))
+    assert cfg.slots == int(np.asarray(scenes.masks).max()) + 1
+    assert sa.with_slots_for(scenes, tiny_cfg(slots=5)).slots == 5
+
+
 def test_gaussian_init_samples_around_mu():
     m = sa.SlotAttention(num_slots=7, dim=8, input_dim=8, init="gaussian")
     s = m.initial_slots(4000)
@@ -131,7 +189,7 @@ def test_compositional_generation_shapes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = tiny_cfg()
     model = sa.SlotAutoencoder(cfg)
-    train_set = sa.load_split("synthetic", "train", 32, 16)
+    train_set = sa.load_split("synthetic-clevr", "train", 32, 16)
     images = sa.compositional_generation(model, train_set, 10, cfg, torch.device("cpu"))
     assert images.shape == (10, 32, 32, 3) and images.dtype == np.uint8
 
