@@ -7,7 +7,8 @@ A variant is a named set of sa.py config overrides on top of `--preset` (VARIANT
 Variants train in turn, `--slice` seconds each (round robin), so a machine that slows down slows every variant
 alike; a variant's minutes count only its own training steps (compilation included, evaluation excluded).
 Every `--eval-minutes` of a variant's training it is scored on the same first `--val-images` val scenes, and the
-JSON and the PNG are rewritten, so an interrupted run keeps everything measured so far.
+JSON and the PNG are rewritten, so an interrupted run keeps everything measured so far. Each variant's final
+model is saved beside them as an sa.py checkpoint (`python sa.py eval --ckpt ...` draws its masks).
 """
 import argparse
 import json
@@ -50,6 +51,10 @@ class Run:
     curve: list = field(default_factory=list)
 
 
+def safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
 def parse_variant(text: str, base: dict) -> tuple[str, dict]:
     """'name' from VARIANTS, or 'name: key=value key=value' with sa.py config field names."""
     if ":" not in text:
@@ -64,8 +69,12 @@ def parse_variant(text: str, base: dict) -> tuple[str, dict]:
         key = key.replace("-", "_")
         if key not in types:
             raise InputError(f"variant {name!r}: {key!r} is not an sa.py config field")
-        cast = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes")}.get(types[key], str)
-        overrides[key] = cast(value)
+        kind = types[key].replace(" | None", "")
+        cast = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes")}.get(kind, str)
+        try:
+            overrides[key] = None if value == "None" else cast(value)
+        except ValueError:
+            raise InputError(f"variant {name!r}: {key}={value!r} is not a valid {kind}") from None
     return name.strip(), {**base, **overrides}
 
 
@@ -90,9 +99,10 @@ def train_for(run: Run, seconds: float, budget: float, scenes, device: torch.dev
 
 
 def value_at(curve: list[dict], minutes: float, key: str = "fg_ari") -> float | None:
-    """The score of the last evaluation at or before `minutes` (None if the run was shorter)."""
-    points = [p for p in curve if p["minutes"] <= minutes + 1e-6]
-    return points[-1][key] if points and curve[-1]["minutes"] >= minutes - 1e-6 else None
+    """The score of the first evaluation at or after `minutes` (evaluations fall a step after each mark; None if
+    the run was shorter)."""
+    later = [p for p in curve if p["minutes"] >= minutes - 1e-6]
+    return later[0][key] if later else None
 
 
 def write_results(runs: list[Run], args, path: Path) -> None:
@@ -185,6 +195,9 @@ def main() -> None:
                 train_set, val_set = splits[(r.cfg.resolution, r.cfg.num_train, r.cfg.num_val)]
                 train_for(r, args.slice, budget, train_set, device)
                 finished = r.seconds >= budget or r.step >= r.cfg.steps
+                if finished:
+                    ckpt = out.parent / f"{out.stem}-{safe_name(r.name)}" / "ckpt.pt"
+                    trainlib.save_checkpoint(sa.checkpoint_state(r.model, r.opt, r.scaler, r.step, r.cfg), ckpt)
                 if r.seconds >= r.next_eval or finished:
                     scores = sa.evaluate_masks(r.model, val_set, r.cfg, device, limit=args.val_images)
                     r.curve.append(dict(minutes=r.seconds / 60, step=r.step, **scores))

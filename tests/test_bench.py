@@ -1,0 +1,59 @@
+"""bench/bench_learning.py: a few seconds of two variants write curves, a picture and loadable checkpoints;
+Ctrl-C keeps what was measured; bad variants are one clear line."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import trainlib
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--set", "compile=0", "amp=0", "num_train=32", "num_val=8", "batch_size=4", "slot_dim=16",
+        "slot_mlp_hidden=16", "enc_channels=8", "dec_channels=8", "--val-images", "8", "--slice", "0.2"]
+
+
+def bench(tmp_path, *args, **kwargs):
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "bench_learning.py"), *args, *TINY,
+                           "--out", str(tmp_path / "curves.json")], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, **kwargs)
+
+
+def test_two_variants_write_curves_picture_and_checkpoints(tmp_path):
+    run = bench(tmp_path, "--variants", "cpu", "implicit: slot_grad=implicit", "--minutes", "0.03",
+                "--eval-minutes", "0.01")
+    assert run.returncode == 0, run.stderr
+    result = json.loads((tmp_path / "curves.json").read_text())
+    assert set(result["variants"]) == {"cpu", "implicit"}
+    for name, variant in result["variants"].items():
+        minutes = [p["minutes"] for p in variant["curve"]]
+        assert minutes and minutes == sorted(minutes) and minutes[-1] >= 0.03 - 1e-6   # ends at the budget
+        assert all(-1 <= p["fg_ari"] <= 1 and p["step"] > 0 for p in variant["curve"])
+        state = trainlib.load_checkpoint(tmp_path / f"curves-{name}" / "ckpt.pt")
+        assert state["step"] == variant["steps"] and state["config"]["slot_grad"] == variant["config"]["slot_grad"]
+    assert result["variants"]["implicit"]["config"]["slot_grad"] == "implicit"
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert "| cpu |" in run.stdout and "| implicit |" in run.stdout
+
+
+def test_ctrl_c_keeps_the_results_so_far(tmp_path):
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "bench_learning.py"), "--minutes", "10",
+                             "--eval-minutes", "0.005", *TINY, "--out", str(tmp_path / "curves.json")],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (tmp_path / "curves.json").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in err and "interrupted" in err
+    curve = json.loads((tmp_path / "curves.json").read_text())["variants"]["cpu"]["curve"]
+    assert len(curve) >= 1
+
+
+def test_bad_variant_and_budget_are_one_line(tmp_path):
+    for args, needle in [(["--variants", "nonsense"], "unknown variant 'nonsense'"),
+                         (["--variants", "x: no_such_field=1"], "no_such_field"),
+                         (["--minutes", "-1"], "--minutes")]:
+        run = bench(tmp_path, *args)
+        assert run.returncode != 0 and needle in run.stderr and "Traceback" not in run.stderr, run.stderr
