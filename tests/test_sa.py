@@ -195,7 +195,7 @@ def test_compositional_generation_shapes(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--slots", "0"], "--slots 0"),
+    (["--slots", "-1"], "--slots -1"),
     (["--data", "/no/such/dataset"], "/no/such/dataset"),
     (["--resolution", "48"], "--resolution 48"),
     (["eval"], "--ckpt"),
