@@ -29,9 +29,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-
-class InputError(ValueError):
-    """Bad user input; message names the problem and the fix."""
+from errors import InputError
 
 
 @dataclass

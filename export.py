@@ -49,7 +49,8 @@ import metrics
 import sa
 import slotdiff
 import trainlib
-from data import InputError, load_split, save_grid, to_uint8
+from data import load_split, save_grid
+from errors import InputError
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2"}
 OPSET = 18
@@ -57,55 +58,20 @@ NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int6
 
 
 # ----------------------------------------------------------------------------------------------------------
-# loading a checkpoint of either model
+# loading a checkpoint of either model: each checkpoint names its kind, and its script loads it
 
-def checkpoint_kind(state, path: str | Path) -> str:
-    """'sa' or 'slotdiff', from the config fields the training script stored in the checkpoint."""
-    config = state.get("config") if isinstance(state, dict) and "model" in state else None
-    if isinstance(config, dict):   # each config has a field the other lacks: the decoder's / the UNet's width
-        if "dec_channels" in config:
-            return "sa"
-        if "base_channels" in config:
-            return "slotdiff"
-    raise InputError(f"{path} is neither a sa.py nor a slotdiff.py checkpoint (no Slot Attention / SlotDiffusion "
-                     f"config in it); pass the ckpt.pt written by `python sa.py` or `python slotdiff.py`")
-
-
-def load_weights(model: nn.Module, state: dict, path: str | Path) -> None:
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        first = str(e).splitlines()[1:2] or [str(e)]
-        raise InputError(f"{path}: the weights do not match the config stored with them ({first[0].strip()}); "
-                         f"the file was edited or written by another version: retrain it") from None
-
-
-def load_config(config_class, config: dict, path: str | Path):
-    try:
-        return config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
-    except TypeError as e:
-        raise InputError(f"{path} was written by another version of the training script ({e}); retrain it, or "
-                         f"export it with the version that wrote it") from None
-
-
-def load_sa(state: dict, path: str | Path) -> tuple[sa.SAConfig, sa.SlotAutoencoder]:
-    cfg = load_config(sa.SAConfig, state["config"], path)
-    model = sa.SlotAutoencoder(cfg)
-    load_weights(model, state, path)
-    return cfg, model.eval()
-
-
-def load_slotdiff(state: dict, path: str | Path, device: torch.device = torch.device("cpu")):
-    """Config, SlotDiffusion model and the frozen VQ-VAE it was trained on (checked by file hash, as slotdiff.py
-    does)."""
-    cfg = load_config(slotdiff.SDConfig, state["config"], path)
-    vqvae, vae_hash = slotdiff.load_frozen_vae(cfg, device)
-    if state.get("vae_hash") != vae_hash:
-        raise InputError(f"{path} was trained on the latents of another VAE than {cfg.vae}; put the VAE it was "
-                         f"trained with back at that path")
-    model = slotdiff.SlotDiffusion(cfg, vqvae.cfg.embed_dim)
-    load_weights(model, state, path)
-    return cfg, model.to(device).eval(), vqvae.eval()
+def load_any(ckpt: str | Path, device: torch.device = torch.device("cpu")):
+    """("sa", cfg, model, None) or ("slotdiff", cfg, model, vqvae) for a checkpoint of either script."""
+    state = trainlib.load_checkpoint(ckpt)
+    kind = state.get("kind") if isinstance(state, dict) else None
+    if kind == "slotdiff":
+        cfg, model, vqvae, _ = slotdiff.load(ckpt, device=device)
+        return kind, cfg, model, vqvae
+    if kind == "sa":
+        cfg, model, _ = sa.load(ckpt, device=device)
+        return kind, cfg, model, None
+    what = f"a {trainlib.SCRIPTS[kind]} checkpoint" if kind in trainlib.SCRIPTS else "not a checkpoint of this project"
+    raise InputError(f"{ckpt} is {what}; export takes the ckpt.pt that sa.py or slotdiff.py writes")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -132,23 +98,18 @@ class DDPMStep(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, slots: torch.Tensor, noise: torch.Tensor,
                 coefs: torch.Tensor) -> torch.Tensor:
-        eps = self.unet(x, t, slots).float()
-        return coefs[0] * x - coefs[1] * eps + coefs[2] * noise
+        return slotdiff.Diffusion.ancestral_step(x, self.unet(x, t, slots).float(), coefs, noise)
 
 
 class QuantizedDecoder(nn.Module):
-    """vae.VQVAE.decode as one graph: nearest codebook entries, post_quant_conv, Decoder. The codebook search
-    runs as a single chunk: VQVAE's default chunking is a Python loop whose length depends on the batch."""
+    """vae.VQVAE.decode as a module to export: nearest codebook entries in one search, then the decoder."""
 
     def __init__(self, vqvae):
         super().__init__()
         self.vqvae = vqvae
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        b, d, h, w = latents.shape
-        indices = self.vqvae.quantize.nearest(latents.permute(0, 2, 3, 1).reshape(-1, d), chunk=2**62)
-        z_q = self.vqvae.quantize.embedding(indices).view(b, h, w, d).permute(0, 3, 1, 2)
-        return self.vqvae.decoder(self.vqvae.post_quant_conv(z_q))
+        return self.vqvae.decode(latents, chunk=None)
 
 
 def to_float16(module: nn.Module) -> nn.Module:
@@ -192,18 +153,19 @@ def conv_transpose_as_conv(module: nn.Module) -> nn.Module:
 
 def sa_graphs(cfg: sa.SAConfig, model: sa.SlotAutoencoder) -> list[Graph]:
     def inputs(batch: int) -> dict[str, torch.Tensor]:
-        return dict(slots=torch.randn(batch, cfg.slots, cfg.slot_dim))
+        return dict(slots=torch.randn(batch, cfg.encoder.slots, cfg.encoder.slot_dim))
     return [Graph("decoder", model.decoder, inputs, ["image", "masks", "rgb"])]
 
 
 def slotdiff_graphs(cfg: slotdiff.SDConfig, model: slotdiff.SlotDiffusion, vqvae, with_step: bool) -> list[Graph]:
-    channels, size = vqvae.cfg.embed_dim, cfg.resolution // vqvae.cfg.downsample
-    middle = step_coefficients(model.diffusion, cfg.timesteps)[1][cfg.timesteps // 2]  # any real step's
+    channels, size = vqvae.cfg.embed_dim, cfg.encoder.resolution // vqvae.cfg.downsample
+    timesteps = cfg.diffusion.timesteps
+    middle = model.diffusion.step_coefficients()[1][timesteps // 2].float()  # any real step's
 
     def unet_inputs(batch: int) -> dict[str, torch.Tensor]:
         return dict(x=torch.randn(batch, channels, size, size),
-                    t=torch.randint(0, cfg.timesteps, (batch,)),
-                    slots=torch.randn(batch, cfg.slots, cfg.slot_dim))
+                    t=torch.randint(0, timesteps, (batch,)),
+                    slots=torch.randn(batch, cfg.encoder.slots, cfg.encoder.slot_dim))
 
     def step_inputs(batch: int) -> dict[str, torch.Tensor]:
         return dict(**unet_inputs(batch), noise=torch.randn(batch, channels, size, size), coefs=middle)
@@ -309,12 +271,8 @@ def export_checkpoint(ckpt: str | Path, fmt: str = "onnx", fp16: bool = False,
     if fmt not in FORMATS:
         raise InputError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     tolerance = tolerance if tolerance is not None else 5e-2 if fp16 else 1e-3
-    state = trainlib.load_checkpoint(ckpt)
-    kind = checkpoint_kind(state, ckpt)
-    if kind == "sa":
-        graphs = sa_graphs(*load_sa(state, ckpt))
-    else:
-        graphs = slotdiff_graphs(*load_slotdiff(state, ckpt), with_step=fmt == "onnx")
+    kind, cfg, model, vqvae = load_any(ckpt)
+    graphs = sa_graphs(cfg, model) if kind == "sa" else slotdiff_graphs(cfg, model, vqvae, with_step=fmt == "onnx")
     ckpt = Path(ckpt)
     results = {}
     for graph in graphs:
@@ -336,16 +294,6 @@ def export_checkpoint(ckpt: str | Path, fmt: str = "onnx", fp16: bool = False,
 # ----------------------------------------------------------------------------------------------------------
 # DDPM sampling with ONNX Runtime
 
-def step_coefficients(diffusion: slotdiff.Diffusion, steps: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The timesteps (steps,) and update coefficients (steps, 3) float32 of slotdiff's sampler, in the order it
-    runs them (t = T-1 first). The chain is Diffusion.chain, as Diffusion.sample runs it; slotdiff.ddpm_step is linear in
-    (x_t, eps, noise), so its coefficients are its values at the unit vectors."""
-    ts, a_bar, a_bar_prev = diffusion.chain(steps)
-    coefs = [(slotdiff.ddpm_step(1.0, 0.0, a, ap, 0.0), -slotdiff.ddpm_step(0.0, 1.0, a, ap, 0.0),
-              slotdiff.ddpm_step(0.0, 0.0, a, ap, 1.0)) for a, ap in zip(a_bar.tolist(), a_bar_prev.tolist())]
-    return ts.flip(0), torch.tensor(coefs, dtype=torch.float32).flip(0)
-
-
 @torch.no_grad()
 def ort_sample(session, diffusion: slotdiff.Diffusion, slots: torch.Tensor, latent_shape: tuple[int, int, int],
                seed: int = 0, steps: int | None = None, progress: bool = True) -> torch.Tensor:
@@ -353,9 +301,9 @@ def ort_sample(session, diffusion: slotdiff.Diffusion, slots: torch.Tensor, late
     Everything stays on the slots' device (CPU, or the GPU with the CUDA provider): the latents ping-pong between
     two buffers that ORT reads and writes in place, and the noise is drawn there by torch."""
     device, batch = slots.device, slots.shape[0]
-    ts, coefs = step_coefficients(diffusion, steps)   # validates steps
+    ts, coefs = diffusion.step_coefficients(steps)   # validates steps
     steps = len(ts)
-    ts, coefs = ts.to(device)[:, None].expand(-1, batch).contiguous(), coefs.to(device)
+    ts, coefs = ts.to(device)[:, None].expand(-1, batch).contiguous(), coefs.float().to(device)
     generator = torch.Generator(device).manual_seed(seed)
     x = torch.randn((batch, *latent_shape), generator=generator, device=device)
     x_next, noise = torch.empty_like(x), torch.empty_like(x)
@@ -389,50 +337,49 @@ def onnx_file(ckpt: Path, name: str) -> Path:
     return path
 
 
-def require_checkpoint(ckpt: Path, kind: str, how_to_train: str) -> dict:
+def require_checkpoint(ckpt: Path, how_to_train: str) -> None:
     if not ckpt.is_file():
         raise InputError(f"checkpoint {ckpt} does not exist; train it first: {how_to_train}, or pass --ckpt PATH")
-    state = trainlib.load_checkpoint(ckpt)
-    if checkpoint_kind(state, ckpt) != kind:
-        raise InputError(f"{ckpt} is not a {kind}.py checkpoint; `fid` is for slotdiff.py checkpoints and "
-                         f"`fid-sa` for sa.py ones")
-    return state
 
 
 def fid_sa(ckpt: Path, num_gen: int | None, device: torch.device) -> float:
-    state = require_checkpoint(ckpt, "sa", "`make demo` (or `python sa.py --preset cpu --out runs/sa`)")
-    cfg, model = load_sa(state, ckpt)
-    model.to(device)
+    """sa.py's compositional generation with the Spatial Broadcast Decoder on ONNX Runtime, then FID."""
+    require_checkpoint(ckpt, "`make demo` (or `python sa.py --preset cpu --out runs/sa`)")
+    cfg, model, _ = sa.load(ckpt, device=device)
     session = ort_session(onnx_file(ckpt, "decoder"), device)
-    train_set = load_split(cfg.data, "train", cfg.resolution, cfg.num_train)
-    val_set = load_split(cfg.data, "val", cfg.resolution, cfg.num_val)
-    sa.check_resolution(val_set, cfg)
+    resolution = cfg.encoder.resolution
+    train_set = load_split(cfg.data, "train", resolution, cfg.num_train)
+    val_set = load_split(cfg.data, "val", resolution, cfg.num_val)
+    sa.check_resolution(val_set, cfg.encoder)
     torch.manual_seed(cfg.seed)  # the Gaussian slot initialisation, as sa.evaluate
-    slots = sa.composed_slots(model.encoder, train_set, num_gen or cfg.num_gen or len(val_set), cfg, device)
-    images = [to_uint8(ort_decode(session, dict(slots=chunk.to(device)), "image",
-                                     (len(chunk), 3, cfg.resolution, cfg.resolution)))
-              for chunk in tqdm(slots.split(cfg.batch_size), desc="decode (onnxruntime)")]
-    return report_fid(np.concatenate(images), val_set.images, ckpt, device)
+
+    def decode(slots: torch.Tensor) -> torch.Tensor:
+        return ort_decode(session, dict(slots=slots), "image", (len(slots), 3, resolution, resolution))
+    images = sa.compositional_generation(model, train_set, num_gen or cfg.num_gen or len(val_set), cfg, device, decode)
+    return report_fid(images, val_set.images, ckpt, device)
 
 
 def fid_slotdiff(ckpt: Path, num_gen: int | None, sample_steps: int | None, device: torch.device) -> float:
-    state = require_checkpoint(ckpt, "slotdiff", "`python slotdiff.py --preset cpu --out runs/slotdiff`")
-    cfg, model, vqvae = load_slotdiff(state, ckpt, device)
+    """slotdiff.py's compositional generation with the DDPM step and the VAE decoder on ONNX Runtime, then FID."""
+    require_checkpoint(ckpt, "`python slotdiff.py --preset cpu --out runs/slotdiff`")
+    cfg, model, vqvae, _ = slotdiff.load(ckpt, device=device)
+    cfg = replace(cfg, sample_steps=sample_steps or cfg.sample_steps)
     step_session = ort_session(onnx_file(ckpt, "ddpm_step"), device)
     decoder_session = ort_session(onnx_file(ckpt, "vae_decoder"), device)
-    train_set = load_split(cfg.data, "train", cfg.resolution, cfg.num_train)
-    val_set = load_split(cfg.data, "val", cfg.resolution, cfg.num_val)
-    sa.check_resolution(val_set, cfg)
+    resolution = cfg.encoder.resolution
+    train_set = load_split(cfg.data, "train", resolution, cfg.num_train)
+    val_set = load_split(cfg.data, "val", resolution, cfg.num_val)
+    sa.check_resolution(val_set, cfg.encoder)
     torch.manual_seed(cfg.seed)
     slots = sa.composed_slots(model.encoder, train_set, num_gen or cfg.num_gen or len(val_set), cfg, device)
-    size = cfg.resolution // vqvae.cfg.downsample
-    images = []
-    for i, chunk in enumerate(tqdm(slots.split(cfg.sample_batch), desc="compositional generation (onnxruntime)")):
-        z = ort_sample(step_session, model.diffusion, chunk.to(device), (vqvae.cfg.embed_dim, size, size),
-                       seed=cfg.seed + i, steps=sample_steps or cfg.sample_steps)  # the seeds slotdiff.generate uses
-        images.append(to_uint8(ort_decode(decoder_session, dict(latents=z), "image",
-                                             (len(chunk), 3, cfg.resolution, cfg.resolution))))
-    return report_fid(np.concatenate(images), val_set.images, ckpt, device)
+
+    def sample(chunk: torch.Tensor, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
+        return ort_sample(step_session, model.diffusion, chunk, shape, seed=seed, steps=cfg.sample_steps)
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        return ort_decode(decoder_session, dict(latents=latents), "image", (len(latents), 3, resolution, resolution))
+    images = slotdiff.generate(model, vqvae, slots, cfg, device, sample=sample, decode=decode)
+    return report_fid(images, val_set.images, ckpt, device)
 
 
 def report_fid(generated: np.ndarray, real: np.ndarray, ckpt: Path, device: torch.device) -> float:

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from data import InputError
+from errors import InputError
 
 # Above this many table cells (batch * true ids * predicted ids) the ids are first relabelled densely,
 # which costs a sort but keeps sparse ids (e.g. 0, 1000, 2000) from allocating a huge table.

@@ -7,17 +7,16 @@
     torchrun --nproc_per_node 8 sa.py ...    # DDP, one process per GPU
 
 Reads top to bottom: config, model (encoder -> Slot Attention -> decoder), training loop, evaluation.
-The slot encoder defined here is imported by slotdiff.py, so there is one definition in the project.
+The slot encoder and its config defined here are imported by slotdiff.py, so there is one definition in the project.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
-import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,22 +26,19 @@ from tqdm import tqdm
 
 import metrics
 import trainlib
-from data import InputError, Scenes, colorize_masks, get_batch, iterate_batches, load_split, save_grid, to_uint8
+from data import Scenes, colorize_masks, get_batch, iterate_batches, load_split, save_grid, to_uint8
+from errors import InputError
 
 
 # ----------------------------------------------------------------------------------------------------------
 # config
 
 @dataclass
-class SAConfig:
-    # data
-    data: str = "synthetic-clevr"  # synthetic-clevr / synthetic-clevrtex (embedded generator) or a dataset folder
-    resolution: int = 128
-    num_train: int | None = None   # synthetic only: scenes to generate (None = data.py's default)
-    num_val: int | None = None
-    # model (official object-discovery settings)
+class EncoderConfig:
+    """The slot encoder: CNN -> position embedding -> MLP -> Slot Attention (SlotDiffusion uses it too)."""
+    resolution: int = 128          # input images are resolution x resolution pixels
     slots: int = 11                # 0 = the most objects in a training scene + 1 (the paper's rule: 7 for CLEVR6)
-    iters: int = 3
+    iters: int = 3                 # Slot Attention iterations
     slot_dim: int = 64
     slot_mlp_hidden: int = 128
     slot_init: str = "gaussian"    # "gaussian": slots ~ N(mu, sigma) (paper); "learned": K learned vectors
@@ -53,24 +49,40 @@ class SAConfig:
     enc_stride: int = 1            # stride of the first encoder conv: 2 halves the tokens Slot Attention reads
     weight_init: str = "torch"     # "torch": PyTorch's default layer init; "xavier": the official (TF/Keras) code's
                                    # Glorot-uniform weights, orthogonal GRU recurrence, zero biases
+
+
+@dataclass
+class DecoderConfig:
+    """The Spatial Broadcast Decoder (it reads the slot size and resolution from the encoder's config)."""
     dec_channels: int = 64
-    broadcast_size: int = 8        # the decoder upsamples this grid to `resolution` by stride-2 steps
+    broadcast_size: int = 8        # the decoder upsamples this grid to the resolution by stride-2 steps
+
+
+@dataclass
+class SAConfig:
+    # data
+    data: str = "synthetic-clevr"  # synthetic-clevr / synthetic-clevrtex (embedded generator) or a dataset folder
+    num_train: int | None = None   # scenes to use (synthetic: to generate); None = the whole split / 5000
+    num_val: int | None = None     # None = the whole split / 500
+    # model (official object-discovery settings)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
     # optimisation (paper: batch 64, Adam 4e-4, 10k warm-up, x0.5 every 100k, 500k steps)
     batch_size: int = 64
     lr: float = 4e-4
-    warmup: int = 10_000
-    decay_every: int = 100_000
+    warmup: int = 10_000           # linear learning-rate warm-up steps
+    decay_every: int = 100_000     # the learning rate halves (x decay_rate) every this many steps
     decay_rate: float = 0.5
     steps: int = 500_000
     grad_clip: float = 0.0         # 0 = off (the paper does not clip)
     # system
-    device: str = "auto"
-    compile: bool = True
-    amp: bool = True
+    device: str = "auto"           # auto (cuda if available), cpu, cuda, cuda:1, ...
+    compile: bool = True           # torch.compile the training step
+    amp: bool = True               # bf16 autocast (fp16 + loss scaling on GPUs without bf16)
     seed: int = 0
-    out: str = "runs/sa"
+    out: str = "runs/sa"           # folder for ckpt.pt, metrics.jsonl and the pictures
     log_every: int = 50
-    eval_every: int = 2_000
+    eval_every: int = 2_000        # steps between the periodic val evaluations
     eval_images: int = 256         # val images used for the periodic FG-ARI during training
     ckpt_every: int = 1_000
     max_minutes: float = 0.0       # wall-time budget for training (0 = none): checkpoint, stop, evaluate
@@ -80,36 +92,42 @@ class SAConfig:
 
 
 PRESETS = {
-    "paper": dict(resolution=128, batch_size=64, lr=4e-4, warmup=10_000, decay_every=100_000, steps=500_000),
+    "paper": dict(encoder=EncoderConfig(resolution=128), decoder=DecoderConfig(), batch_size=64, lr=4e-4,
+                  warmup=10_000, decay_every=100_000, steps=500_000),
     # A 2-core CPU (chosen with bench/bench_learning.py; see the README's learning-curve table)
-    "cpu": dict(resolution=32, slots=7, enc_channels=32, dec_channels=32, batch_size=32, lr=4e-4, warmup=500,
-                decay_every=5_000, steps=100_000, max_minutes=16, num_train=5_000, num_val=500, log_every=25,
-                eval_every=500, eval_images=128, ckpt_every=500),
+    "cpu": dict(encoder=EncoderConfig(resolution=32, slots=0, enc_channels=32), decoder=DecoderConfig(dec_channels=32),
+                batch_size=32, lr=4e-4, warmup=500, decay_every=5_000, steps=100_000, max_minutes=16,
+                num_train=5_000, num_val=500, log_every=25, eval_every=500, eval_images=128, ckpt_every=500),
 }
 
 
-def validate(cfg: SAConfig) -> None:
-    """Catch impossible settings here, with the fix, instead of as a shape error deep inside torch."""
+def validate_encoder(cfg: EncoderConfig) -> None:
+    """Catch impossible encoder settings here, with the fix, instead of as a shape error deep inside torch."""
     if cfg.slots < 0:
         raise InputError(f"--slots {cfg.slots}: need at least 1 slot, or 0 for the most objects in a training "
                          f"scene + 1 (the paper uses 7 for CLEVR6, 11 for CLEVR10)")
-    if cfg.max_minutes < 0 or not math.isfinite(cfg.max_minutes):
-        raise InputError(f"--max-minutes {cfg.max_minutes}: give a positive time budget, or 0 for none")
     if cfg.iters < 1:
         raise InputError(f"--iters {cfg.iters}: Slot Attention needs at least 1 iteration (paper: 3)")
-    ratio = cfg.resolution / cfg.broadcast_size
-    if cfg.resolution < 1 or ratio < 1 or ratio != 2 ** round(math.log2(ratio)):
-        raise InputError(f"--resolution {cfg.resolution} is not --broadcast-size {cfg.broadcast_size} times a power "
-                         f"of 2, so the stride-2 decoder cannot reach it; use e.g. 32, 64 or 128 "
-                         f"(or change --broadcast-size)")
     if cfg.slot_init not in ("gaussian", "learned"):
         raise InputError(f"--slot-init {cfg.slot_init!r}: choose 'gaussian' or 'learned'")
-    if cfg.weight_init not in ("torch", "xavier"):
-        raise InputError(f"--weight-init {cfg.weight_init!r}: choose 'torch' or 'xavier'")
     if cfg.slot_grad not in SLOT_GRADS:
         raise InputError(f"--slot-grad {cfg.slot_grad!r}: choose one of {', '.join(SLOT_GRADS)}")
+    if cfg.weight_init not in ("torch", "xavier"):
+        raise InputError(f"--weight-init {cfg.weight_init!r}: choose 'torch' or 'xavier'")
     if cfg.enc_stride not in (1, 2) or cfg.resolution % cfg.enc_stride:
         raise InputError(f"--enc-stride {cfg.enc_stride}: choose 1 or 2 (2 needs an even --resolution)")
+
+
+def validate(cfg: SAConfig) -> None:
+    validate_encoder(cfg.encoder)
+    resolution, broadcast = cfg.encoder.resolution, cfg.decoder.broadcast_size
+    ratio = resolution / broadcast if broadcast > 0 else 0
+    if resolution < 1 or ratio < 1 or ratio != 2 ** round(math.log2(ratio)):
+        raise InputError(f"--resolution {resolution} is not --broadcast-size {broadcast} times a power "
+                         f"of 2, so the stride-2 decoder cannot reach it; use e.g. 32, 64 or 128 "
+                         f"(or change --broadcast-size)")
+    if cfg.max_minutes < 0 or not math.isfinite(cfg.max_minutes):
+        raise InputError(f"--max-minutes {cfg.max_minutes}: give a positive time budget, or 0 for none")
     if cfg.comp_sample not in ("member", "gaussian"):
         raise InputError(f"--comp-sample {cfg.comp_sample!r}: choose 'member' or 'gaussian'")
     if cfg.batch_size < 1 or cfg.steps < 0:
@@ -135,6 +153,21 @@ class SoftPositionEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.proj(self.grid).permute(0, 3, 1, 2)
+
+
+def xavier_init_(model: nn.Module) -> None:
+    """Keras' defaults, which the official Slot Attention code trains with: Glorot-uniform weights, an orthogonal
+    GRU recurrence, zero biases (PyTorch's defaults give each layer about a third of that weight variance)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.GRUCell):
+            nn.init.xavier_uniform_(module.weight_ih)
+            nn.init.orthogonal_(module.weight_hh)
+            nn.init.zeros_(module.bias_ih)
+            nn.init.zeros_(module.bias_hh)
 
 
 SLOT_GRADS = ("full", "implicit", "bo-qsa")
@@ -199,7 +232,7 @@ class SlotAttention(nn.Module):
 class SlotEncoder(nn.Module):
     """Images in [0, 1] -> CNN -> + soft position embedding -> LayerNorm + MLP -> Slot Attention."""
 
-    def __init__(self, cfg: SAConfig):
+    def __init__(self, cfg: EncoderConfig):
         super().__init__()
         c = cfg.enc_channels
         layers = []
@@ -210,6 +243,8 @@ class SlotEncoder(nn.Module):
         self.mlp = nn.Sequential(nn.LayerNorm(c), nn.Linear(c, c), nn.ReLU(), nn.Linear(c, c))
         self.slot_attention = SlotAttention(cfg.slots, cfg.slot_dim, c, cfg.iters, cfg.slot_mlp_hidden, cfg.slot_init,
                                             cfg.slot_grad)
+        if cfg.weight_init == "xavier":
+            xavier_init_(self)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.pos(self.cnn(images * 2 - 1))          # the paper feeds images in [-1, 1]
@@ -220,13 +255,13 @@ class SlotEncoder(nn.Module):
 class SpatialBroadcastDecoder(nn.Module):
     """Each slot is tiled on a small grid, decoded on its own to RGB + a mask logit; masks compete by softmax."""
 
-    def __init__(self, cfg: SAConfig):
+    def __init__(self, cfg: DecoderConfig, slot_dim: int, resolution: int):
         super().__init__()
-        c, d = cfg.dec_channels, cfg.slot_dim
+        c, d = cfg.dec_channels, slot_dim
         self.size = cfg.broadcast_size
         self.pos = SoftPositionEmbed(d, self.size)
         layers, channels = [], d
-        for _ in range(round(math.log2(cfg.resolution // self.size))):   # 8 -> 16 -> ... -> resolution
+        for _ in range(round(math.log2(resolution // self.size))):   # 8 -> 16 -> ... -> resolution
             layers += [nn.ConvTranspose2d(channels, c, 5, stride=2, padding=2, output_padding=1), nn.ReLU()]
             channels = c
         layers += [nn.ConvTranspose2d(channels, c, 5, padding=2), nn.ReLU(), nn.ConvTranspose2d(c, 4, 3, padding=1)]
@@ -242,28 +277,13 @@ class SpatialBroadcastDecoder(nn.Module):
         return recon, masks, rgb
 
 
-def xavier_init_(model: nn.Module) -> None:
-    """Keras' defaults, which the official Slot Attention code trains with: Glorot-uniform weights, an orthogonal
-    GRU recurrence, zero biases (PyTorch's defaults give each layer about a third of that weight variance)."""
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
-            nn.init.xavier_uniform_(module.weight)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.GRUCell):
-            nn.init.xavier_uniform_(module.weight_ih)
-            nn.init.orthogonal_(module.weight_hh)
-            nn.init.zeros_(module.bias_ih)
-            nn.init.zeros_(module.bias_hh)
-
-
 class SlotAutoencoder(nn.Module):
     def __init__(self, cfg: SAConfig):
         super().__init__()
-        self.encoder = SlotEncoder(cfg)
-        self.decoder = SpatialBroadcastDecoder(cfg)
-        if cfg.weight_init == "xavier":
-            xavier_init_(self)
+        self.encoder = SlotEncoder(cfg.encoder)
+        self.decoder = SpatialBroadcastDecoder(cfg.decoder, cfg.encoder.slot_dim, cfg.encoder.resolution)
+        if cfg.encoder.weight_init == "xavier":   # one init scheme for the whole model
+            xavier_init_(self.decoder)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         slots, attn = self.encoder(images)
@@ -297,8 +317,8 @@ def train_step(step_model: nn.Module, model: SlotAutoencoder, opt: torch.optim.O
 
 
 def checkpoint_state(model: nn.Module, opt: torch.optim.Optimizer, scaler, step: int, cfg: SAConfig) -> dict:
-    return dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step,
-                config=asdict(cfg), rng=trainlib.rng_state())
+    return dict(kind="sa", model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
+                step=step, config=asdict(cfg), rng=trainlib.rng_state())
 
 
 @torch.no_grad()
@@ -331,21 +351,19 @@ def train(cfg: SAConfig, resume: str | None = None) -> Path | None:
     (None on the non-master DDP ranks, which do not evaluate)."""
     ddp = trainlib.setup_distributed(cfg.device)
     device, master = ddp.device, ddp.is_master
-    out = Path(cfg.out)
-    ckpt_path = out / "ckpt.pt"
     torch.manual_seed(cfg.seed + ddp.rank)
 
-    train_set = load_split(cfg.data, "train", cfg.resolution, cfg.num_train)
-    val_set = load_split(cfg.data, "val", cfg.resolution, cfg.num_val)
-    check_resolution(train_set, cfg)
-    cfg = with_slots_for(train_set, cfg)
+    train_set = load_split(cfg.data, "train", cfg.encoder.resolution, cfg.num_train)
+    val_set = load_split(cfg.data, "val", cfg.encoder.resolution, cfg.num_val)
+    check_resolution(train_set, cfg.encoder)
+    cfg = replace(cfg, encoder=with_slots_for(train_set, cfg.encoder))
 
     model = SlotAutoencoder(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scaler = trainlib.make_grad_scaler(device, cfg.amp)
     start = 0
     if resume:
-        state = trainlib.load_checkpoint(resume, map_location=device)
+        state = trainlib.load_checkpoint(resume, map_location=device, kind="sa")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -353,57 +371,28 @@ def train(cfg: SAConfig, resume: str | None = None) -> Path | None:
         start = state["step"]
         if master:
             print(f"resumed from {resume} at step {start}")
-    log = trainlib.MetricsLog(out / "metrics.jsonl", resume_step=start if resume else None) if master else None
+    loop = trainlib.TrainLoop(cfg, start, Path(cfg.out), script="sa.py", title="Slot Attention + SBD",
+                              resumed=bool(resume), master=master, world_size=ddp.world_size, device=device,
+                              images_per_step=cfg.batch_size * ddp.world_size, epoch_size=len(train_set))
     if master:
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        (Path(cfg.out) / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
     step_model = torch.compile(model) if cfg.compile else model   # compiled view shares the parameters
     if ddp.world_size > 1:
         step_model = nn.parallel.DistributedDataParallel(step_model, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
-    images_per_step = cfg.batch_size * ddp.world_size
-    epoch_size = len(train_set)
-
-    budget = trainlib.TimeBudget(cfg.max_minutes)
-    bar = trainlib.TrainProgress(start, cfg.steps, cfg.max_minutes, disable=not master)
-    with trainlib.StopOnInterrupt() as interrupt:
-        for step in range(start, cfg.steps):
-            images, _ = get_batch(train_set, step, cfg.batch_size, cfg.seed, device, ddp.rank, ddp.world_size)
-            loss = train_step(step_model, model, opt, scaler, images, step, cfg, device)
-            done = step + 1
-            out_of_time = budget.expired(ddp.world_size, device)
-            last = done == cfg.steps or out_of_time
-            bar.update(done)
-
-            if master and (done % cfg.log_every == 0 or last):
-                loss_value = loss.item()
-                bar.show(done, loss=f"{loss_value:.4f}", lr=f"{lr_at(step, cfg):.1e}")
-                log.log(step=done, epoch=done * images_per_step / epoch_size, train_loss=loss_value,
-                        lr=lr_at(step, cfg))
-            if master and (done % cfg.eval_every == 0 or last):
-                val = evaluate_masks(model, val_set, cfg, device, limit=cfg.eval_images)
-                log.log(step=done, epoch=done * images_per_step / epoch_size, **val)
-                bar.write(f"step {done}: val loss {val['val_loss']:.4f}  FG-ARI {val['fg_ari']:.3f}  "
-                          f"ARI {val['ari']:.3f}  mBO {val['mbo']:.3f} (first {cfg.eval_images} val images)")
-                trainlib.plot_loss_curves(log.records(), out / "loss_curves.png", title="Slot Attention + SBD")
-            if master and (done % cfg.ckpt_every == 0 or last or interrupt.requested):
-                trainlib.save_checkpoint(checkpoint_state(model, opt, scaler, done, cfg), ckpt_path)
-            if out_of_time:
-                bar.write(f"--max-minutes {cfg.max_minutes} reached at step {done}; checkpoint {ckpt_path} "
-                          f"(continue with --resume {ckpt_path})")
-                break
-            if interrupt.requested:
-                bar.close()
-                print(f"stopped at step {done}; checkpoint {ckpt_path}. Resume: python sa.py --resume {ckpt_path}")
-                sys.exit(130)
-    bar.close()
+    for step in loop.steps():
+        images, _ = get_batch(train_set, step, cfg.batch_size, cfg.seed, device, ddp.rank, ddp.world_size)
+        loss = train_step(step_model, model, opt, scaler, images, step, cfg, device)
+        loop.end_step(step + 1, loss, lr_at(step, cfg),
+                      evaluate=lambda: evaluate_masks(model, val_set, cfg, device, limit=cfg.eval_images),
+                      state=lambda: checkpoint_state(model, opt, scaler, step + 1, cfg))
     if ddp.world_size > 1:
         torch.distributed.destroy_process_group()
-    return ckpt_path if master else None
+    return loop.ckpt if master else None
 
 
-def with_slots_for(scenes: Scenes, cfg):
-    """cfg (SAConfig or SDConfig) with --slots 0 resolved to the most objects in one of the scenes + 1 (one slot
-    for the background)."""
+def with_slots_for(scenes: Scenes, cfg: EncoderConfig) -> EncoderConfig:
+    """cfg with --slots 0 resolved to the most objects in one of the scenes + 1 (one slot for the background)."""
     if cfg.slots:
         return cfg
     most = int(np.asarray(scenes.masks).reshape(len(scenes), -1).max(axis=1).max())
@@ -411,7 +400,7 @@ def with_slots_for(scenes: Scenes, cfg):
     return replace(cfg, slots=most + 1)
 
 
-def check_resolution(scenes: Scenes, cfg: SAConfig) -> None:
+def check_resolution(scenes: Scenes, cfg: EncoderConfig) -> None:
     h, w = scenes.images.shape[1:3]
     if (h, w) != (cfg.resolution, cfg.resolution):
         raise InputError(f"{scenes.name} has {h}x{w} images but --resolution is {cfg.resolution}; "
@@ -437,8 +426,8 @@ def save_samples(model: SlotAutoencoder, scenes: Scenes, cfg: SAConfig, device: 
         rows += [to_uint8(images[i:i + 1] * 2 - 1)[0], to_uint8(out["recon"][i:i + 1])[0],
                  colorize_masks(true_masks[i].cpu().numpy()), colorize_masks(masks[i].squeeze(1).argmax(0).cpu().numpy())]
         rows += list(to_uint8(per_slot[i]))
-    labels = ["input", "recon", "true", "pred"] + [f"slot {k}" for k in range(cfg.slots)]
-    save_grid(np.stack(rows), str(path), nrow=4 + cfg.slots, labels=labels)
+    labels = ["input", "recon", "true", "pred"] + [f"slot {k}" for k in range(cfg.encoder.slots)]
+    save_grid(np.stack(rows), str(path), nrow=4 + cfg.encoder.slots, labels=labels)
     model.train()
 
 
@@ -459,18 +448,22 @@ def composed_slots(encoder: SlotEncoder, train_set: Scenes, n: int, cfg, device:
     """(n, K, D) slot sets for new scenes: slot library of the train split -> k-means (k = K) -> one slot from
     each cluster. Shared by sa.py, slotdiff.py and export.py (cfg: SAConfig or SDConfig)."""
     library = slot_library(encoder, train_set, cfg.batch_size, device, cfg.amp)
-    return metrics.compose_slots(library, k=cfg.slots, n=n, mode=cfg.comp_sample, seed=cfg.seed)
+    return metrics.compose_slots(library, k=cfg.encoder.slots, n=n, mode=cfg.comp_sample, seed=cfg.seed)
 
 
 @torch.no_grad()
-def compositional_generation(model: SlotAutoencoder, train_set: Scenes, n: int, cfg: SAConfig,
-                             device: torch.device) -> np.ndarray:
-    """composed_slots -> Spatial Broadcast Decoder. (n, H, W, 3) uint8."""
+def compositional_generation(model: SlotAutoencoder, train_set: Scenes, n: int, cfg: SAConfig, device: torch.device,
+                             decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
+    """composed_slots -> Spatial Broadcast Decoder (or decode(slots) -> images, e.g. export.py's ONNX Runtime
+    decoder). (n, H, W, 3) uint8."""
     slots = composed_slots(model.encoder, train_set, n, cfg, device)
     images = []
     for chunk in tqdm(slots.split(cfg.batch_size), desc="decode", leave=False):
-        with trainlib.autocast(device, cfg.amp):
-            recon, _, _ = model.decoder(chunk.to(device))
+        if decode is None:
+            with trainlib.autocast(device, cfg.amp):
+                recon, _, _ = model.decoder(chunk.to(device))
+        else:
+            recon = decode(chunk.to(device))
         images.append(to_uint8(recon))
     return np.concatenate(images)
 
@@ -489,20 +482,30 @@ def reconstructions(model: SlotAutoencoder, scenes: Scenes, cfg: SAConfig, devic
     return np.concatenate(images)
 
 
+def load(ckpt: str | Path, cfg: SAConfig | None = None, device: torch.device | str = "cpu"
+         ) -> tuple[SAConfig, SlotAutoencoder, dict]:
+    """A sa.py checkpoint: its config (or cfg: the checkpoint's with flags applied, which may change evaluation
+    settings but not the model's), the model in eval mode on `device`, and the checkpoint's dict."""
+    state = trainlib.load_checkpoint(ckpt, map_location=device, kind="sa")
+    cfg = cfg or trainlib.config_from_checkpoint(SAConfig, state["config"], ckpt)
+    trainlib.check_unchanged(cfg.encoder, state["config"]["encoder"], "the model", ckpt)
+    trainlib.check_unchanged(cfg.decoder, state["config"]["decoder"], "the model", ckpt)
+    model = SlotAutoencoder(cfg).to(device)
+    trainlib.load_weights(model, state["model"], ckpt)
+    return cfg, model.eval(), state
+
+
 def evaluate(ckpt: str | Path, cfg: SAConfig | None = None) -> dict:
     """Full evaluation of a checkpoint (with its own config unless one is given); writes val_metrics.json,
     samples.png, comp_grid.png and the generated images in comp_gen/ next to the checkpoint."""
-    state = trainlib.load_checkpoint(ckpt)
-    cfg = cfg or SAConfig(**state["config"])
-    device = trainlib.pick_device(cfg.device)
+    device = trainlib.pick_device(cfg.device if cfg else "auto")
+    cfg, model, state = load(ckpt, cfg, device)
     out = Path(ckpt).parent
-    model = SlotAutoencoder(cfg).to(device)
-    model.load_state_dict(state["model"])
     torch.manual_seed(cfg.seed)                      # Gaussian slot init: make eval repeatable
 
-    val_set = load_split(cfg.data, "val", cfg.resolution, cfg.num_val)
-    train_set = load_split(cfg.data, "train", cfg.resolution, cfg.num_train)
-    check_resolution(val_set, cfg)
+    val_set = load_split(cfg.data, "val", cfg.encoder.resolution, cfg.num_val)
+    train_set = load_split(cfg.data, "train", cfg.encoder.resolution, cfg.num_train)
+    check_resolution(val_set, cfg.encoder)
     result = evaluate_masks(model, val_set, cfg, device, progress=True)
     save_samples(model, val_set, cfg, device, out / "samples.png")
 
@@ -525,33 +528,12 @@ def evaluate(ckpt: str | Path, cfg: SAConfig | None = None) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# command line: dataclass fields become flags (--slot-init, --compile 0, ...); presets are override dicts
-
-def parse_args(argv: list[str]) -> tuple[str, SAConfig, argparse.Namespace]:
-    command = argv.pop(0) if argv and argv[0] in ("train", "eval") else "train"
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a named set of overrides (explicit flags still win)")
-    p.add_argument("--resume", help="train: continue from this checkpoint exactly")
-    p.add_argument("--ckpt", help="eval: the checkpoint to evaluate")
-    p.add_argument("--no-eval", action="store_true", help="train: skip the final evaluation")
-    for f in fields(SAConfig):
-        kind = {"bool": int, "int": int, "int | None": int, "float": float}.get(f.type, str)
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=f"default {f.default}")
-    args = p.parse_args(argv)
-    base = {}
-    if args.resume or args.ckpt:  # continue with the checkpoint's own settings unless overridden
-        base = trainlib.load_checkpoint(args.resume or args.ckpt)["config"]
-    elif args.preset:
-        base = PRESETS[args.preset]
-    explicit = {f.name: getattr(args, f.name) for f in fields(SAConfig) if getattr(args, f.name) is not None}
-    cfg = SAConfig(**{**base, **explicit})
-    cfg.compile, cfg.amp = bool(cfg.compile), bool(cfg.amp)
-    return command, cfg, args
-
+# command line: every config field is a flag (--slot-init learned, --compile 0, ...); presets are override dicts
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        command, cfg, args = parse_args(list(sys.argv[1:] if argv is None else argv))
+        command, cfg, args = trainlib.parse_command_line(SAConfig, PRESETS, list(sys.argv[1:] if argv is None else argv),
+                                                         __doc__, kind="sa")
         validate(cfg)
         if command == "eval":
             if not args.ckpt:

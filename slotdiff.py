@@ -8,7 +8,7 @@ are trained jointly by the denoising loss alone.
     torchrun --nproc_per_node 8 slotdiff.py ...           # DDP, one process per GPU
 
 Reads top to bottom: config, forward process, UNet, DDPM sampler, model, training loop, evaluation, CLI.
-The slot encoder is sa.py's (imported, not copied), with sa.py's settings for the same preset.
+The slot encoder and its config are sa.py's (imported, not copied).
 
 Two differences from the reference implementation, both pure speed-ups with identical maths:
   * the frozen VQ-VAE encodes every image once per dataset (cached on disk), not on every training batch;
@@ -17,15 +17,15 @@ Two differences from the reference implementation, both pure speed-ups with iden
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
 import math
 import re
 import sys
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -36,136 +36,124 @@ from tqdm import tqdm
 import metrics
 import trainlib
 import vae
-from data import (InputError, Scenes, batch_indices, colorize_masks, get_batch, iterate_batches, load_split,
+from data import (Scenes, batch_indices, colorize_masks, get_batch, iterate_batches, load_split,
                   save_grid, to_uint8)
-from sa import PRESETS as SA_PRESETS
-from sa import SAConfig, SlotEncoder, check_resolution, composed_slots, with_slots_for
+from errors import InputError
+from sa import EncoderConfig, SlotEncoder, check_resolution, composed_slots, validate_encoder, with_slots_for
 
 
 # ----------------------------------------------------------------------------------------------------------
 # config
 
 @dataclass
-class SDConfig:
-    # data
-    data: str = SAConfig.data      # synthetic-clevr / synthetic-clevrtex (embedded generator) or a dataset folder
-    resolution: int = 128
-    num_train: int | None = None   # synthetic only: scenes to generate (None = data.py's default)
-    num_val: int | None = None
-    # slot encoder: sa.py's SlotEncoder, with sa.py's defaults (and sa.py's values for the same preset)
-    slots: int = SAConfig.slots
-    iters: int = SAConfig.iters
-    slot_dim: int = SAConfig.slot_dim
-    slot_mlp_hidden: int = SAConfig.slot_mlp_hidden
-    slot_init: str = SAConfig.slot_init
-    slot_grad: str = SAConfig.slot_grad
-    enc_channels: int = SAConfig.enc_channels
-    enc_stride: int = SAConfig.enc_stride
-    # the frozen VQ-VAE whose latents are denoised: a checkpoint, or None = train one here once (cached)
-    vae: str | None = None
-    # UNet
+class UNetConfig:
+    """The slot-conditioned UNet on the VAE latent (it reads the slot size from the encoder's config)."""
     base_channels: int = 64
-    channel_mult: tuple[int, ...] = (1, 2, 3, 4)
+    channel_mult: tuple[int, ...] = (1, 2, 3, 4)  # one level per entry, each (but the first) with slot attention
     num_res_blocks: int = 2        # per level going down; going up there is one more, for the down-sampler's skip
     head_dim: int = 32
     dropout: float = 0.1
-    # diffusion
+
+
+@dataclass
+class DiffusionConfig:
+    """The DDPM noise schedule."""
     timesteps: int = 1000
     beta_start: float = 0.0015
     beta_end: float = 0.0195
     beta_schedule: str = "linear"  # "linear" (as the assignment states) or "scaled_linear" (what LDM calls linear)
+
+
+@dataclass
+class SDConfig:
+    # data
+    data: str = "synthetic-clevr"  # synthetic-clevr / synthetic-clevrtex (embedded generator) or a dataset folder
+    num_train: int | None = None   # scenes to use (synthetic: to generate); None = the whole split / 5000
+    num_val: int | None = None     # None = the whole split / 500
+    # model: sa.py's slot encoder, the UNet, the schedule, and the frozen VQ-VAE whose latents are denoised
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    vae: str | None = None         # a VQ-VAE checkpoint, or None = train one here once per dataset (cached)
     sample_steps: int | None = None  # tests/debugging only: a respaced chain of this many steps (None = all T)
     sample_batch: int = 64         # latents denoised together when sampling
     # optimisation (SlotDiffusion: Adam, batch 64, lr 1e-4 encoder / 2e-4 UNet, 5% warm-up + cosine, clip 1)
     batch_size: int = 64
     lr: float = 1e-4               # slot encoder
     unet_lr: float = 2e-4
-    warmup: int = 12_500
+    warmup: int = 12_500           # linear learning-rate warm-up steps before the cosine decay
     steps: int = 250_000
     grad_clip: float = 1.0         # 0 = off
     # system
-    device: str = "auto"
-    compile: bool = True
-    amp: bool = True
+    device: str = "auto"           # auto (cuda if available), cpu, cuda, cuda:1, ...
+    compile: bool = True           # torch.compile the training step and the sampling UNet
+    amp: bool = True               # bf16 autocast (fp16 + loss scaling on GPUs without bf16)
     seed: int = 0
-    out: str = "runs/slotdiff"
+    out: str = "runs/slotdiff"     # folder for ckpt.pt, metrics.jsonl and the pictures
     log_every: int = 50
-    eval_every: int = 2_000
+    eval_every: int = 2_000        # steps between the periodic val evaluations
     eval_images: int = 256         # val images used for the periodic val loss / FG-ARI during training
     ckpt_every: int = 1_000
+    max_minutes: float = 0.0       # wall-time budget for training (0 = none): checkpoint, stop, evaluate
     # evaluation
     num_recon: int = 8             # val images reconstructed (slots -> DDPM -> VAE decode) for the picture + MSE
     comp_sample: str = "member"    # compositional generation: "member" (a random cluster member) or "gaussian"
     num_gen: int | None = None     # images to generate for FID (None = size of the val split)
 
 
-ENCODER_FIELDS = ("resolution", "slots", "iters", "slot_dim", "slot_mlp_hidden", "slot_init", "slot_grad",
-                  "enc_channels", "enc_stride")
-
-
-def sa_preset_values(preset: str) -> dict:
-    """sa.py's values for the data and slot-encoder settings: both scripts see the same scenes and encoder."""
-    return {k: v for k, v in SA_PRESETS[preset].items() if k in ENCODER_FIELDS + ("num_train", "num_val")}
-
-
 PRESETS = {
     # the paper's CLEVR setting: 128x128 images, VQ-VAE latent 3x32x32, UNet levels 32/16/8/4 with slot attention
     # at 16/8/4 (the reference CLEVRTex config widens the UNet to 128 channels)
-    "paper": dict(**sa_preset_values("paper"), base_channels=64, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
-                  head_dim=32, dropout=0.1, batch_size=64, warmup=12_500, steps=250_000),
+    "paper": dict(encoder=EncoderConfig(resolution=128), unet=UNetConfig(), batch_size=64, warmup=12_500,
+                  steps=250_000),
     # a 2-core CPU: 64x64 images, latent 3x16x16, UNet levels 16/8/4, one ResBlock per level going down
-    "cpu": dict(**sa_preset_values("cpu"), base_channels=32, channel_mult=(1, 2, 3), num_res_blocks=1,
-                head_dim=32, dropout=0.0, batch_size=32, lr=2e-4, unet_lr=4e-4, warmup=100, steps=1_500,
-                log_every=25, eval_every=500, eval_images=128, ckpt_every=250, sample_batch=128),
+    "cpu": dict(encoder=EncoderConfig(resolution=64, enc_channels=32), num_train=5_000, num_val=500,
+                unet=UNetConfig(base_channels=32, channel_mult=(1, 2, 3), num_res_blocks=1, head_dim=32, dropout=0.0),
+                batch_size=32, lr=2e-4, unet_lr=4e-4, warmup=100, steps=1_500, log_every=25, eval_every=500,
+                eval_images=128, ckpt_every=250, sample_batch=128),
 }
-
-
-def encoder_config(cfg: SDConfig) -> SAConfig:
-    return SAConfig(**{name: getattr(cfg, name) for name in ENCODER_FIELDS})
 
 
 def validate(cfg: SDConfig) -> None:
     """Catch impossible settings here, with the fix, instead of as a shape error deep inside torch."""
-    if cfg.slots < 0:
-        raise InputError(f"--slots {cfg.slots}: need at least 1 slot, or 0 for the most objects in a training "
-                         f"scene + 1 (the paper uses 11 for CLEVR10)")
-    if cfg.iters < 1:
-        raise InputError(f"--iters {cfg.iters}: Slot Attention needs at least 1 iteration (paper: 3)")
-    if cfg.slot_init not in ("gaussian", "learned"):
-        raise InputError(f"--slot-init {cfg.slot_init!r}: choose 'gaussian' or 'learned'")
+    validate_encoder(cfg.encoder)
     if cfg.comp_sample not in ("member", "gaussian"):
         raise InputError(f"--comp-sample {cfg.comp_sample!r}: choose 'member' or 'gaussian'")
     if cfg.batch_size < 1 or cfg.steps < 0 or cfg.sample_batch < 1:
         raise InputError("--batch-size and --sample-batch must be >= 1 and --steps >= 0")
-    if cfg.sample_steps is not None and not 1 <= cfg.sample_steps <= cfg.timesteps:
-        raise InputError(f"--sample-steps {cfg.sample_steps} must be in 1..{cfg.timesteps} (or unset for all T)")
-    widths = sorted({cfg.base_channels * m for m in cfg.channel_mult[1:] + cfg.channel_mult[-1:]})  # with attention
-    if any(w % cfg.head_dim for w in widths):
+    if cfg.max_minutes < 0 or not math.isfinite(cfg.max_minutes):
+        raise InputError(f"--max-minutes {cfg.max_minutes}: give a positive time budget, or 0 for none")
+    if cfg.sample_steps is not None and not 1 <= cfg.sample_steps <= cfg.diffusion.timesteps:
+        raise InputError(f"--sample-steps {cfg.sample_steps} must be in 1..{cfg.diffusion.timesteps} "
+                         f"(or unset for all T)")
+    unet = cfg.unet
+    widths = sorted({unet.base_channels * m for m in unet.channel_mult[1:] + unet.channel_mult[-1:]})  # with attention
+    if any(w % unet.head_dim for w in widths):
         raise InputError(f"UNet widths {widths} (--base-channels x --channel-mult) must be multiples of "
-                         f"--head-dim {cfg.head_dim}; change one of them")
-    make_betas(cfg.beta_schedule, cfg.beta_start, cfg.beta_end, cfg.timesteps)  # raises for unknown schedules
-    if cfg.vae and not Path(cfg.vae).is_file():  # fail now, not after generating and loading the data
+                         f"--head-dim {unet.head_dim}; change one of them")
+    make_betas(cfg.diffusion)  # raises for unknown schedules
+    if cfg.vae:  # fail now, not after generating and loading the data
         vae.load_vae(cfg.vae)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # forward process q(x_t | x_0) = N(sqrt(a_bar_t) x_0, (1 - a_bar_t) I)
 
-def make_betas(schedule: str, beta_start: float, beta_end: float, timesteps: int) -> torch.Tensor:
+def make_betas(cfg: DiffusionConfig) -> torch.Tensor:
     """float64 betas. "scaled_linear" is linear in sqrt(beta): the schedule LDM and SlotDiffusion ship as "linear"."""
-    if schedule == "linear":
-        return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
-    if schedule == "scaled_linear":
-        return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, timesteps, dtype=torch.float64) ** 2
-    raise InputError(f"unknown beta schedule {schedule!r}; use --beta-schedule linear or scaled_linear")
+    if cfg.beta_schedule == "linear":
+        return torch.linspace(cfg.beta_start, cfg.beta_end, cfg.timesteps, dtype=torch.float64)
+    if cfg.beta_schedule == "scaled_linear":
+        return torch.linspace(cfg.beta_start ** 0.5, cfg.beta_end ** 0.5, cfg.timesteps, dtype=torch.float64) ** 2
+    raise InputError(f"unknown beta schedule {cfg.beta_schedule!r}; use --beta-schedule linear or scaled_linear")
 
 
 class Diffusion(nn.Module):
     """Noise schedule (as buffers, so it follows .to(device)), training loss and the DDPM sampler."""
 
-    def __init__(self, cfg: SDConfig):
+    def __init__(self, cfg: DiffusionConfig):
         super().__init__()
-        betas = make_betas(cfg.beta_schedule, cfg.beta_start, cfg.beta_end, cfg.timesteps)
+        betas = make_betas(cfg)
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)  # float64: 1000 products lose digits in float32
         self.timesteps = cfg.timesteps
         self.register_buffer("betas", betas.float(), persistent=False)
@@ -198,32 +186,40 @@ class Diffusion(nn.Module):
         a_bar = self.alphas_cumprod64[ts]
         return ts, a_bar, torch.cat([torch.ones(1, dtype=torch.float64), a_bar[:-1]])
 
+    def step_coefficients(self, steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ancestral step of Ho et al. 2020 (Algorithm 2),
+            x_{t-1} = (x_t - beta_t / sqrt(1 - a_bar_t) * eps) / sqrt(alpha_t) + sigma_t * z,
+        with the posterior variance sigma_t^2 = beta-tilde_t = (1 - a_bar_{t-1}) / (1 - a_bar_t) * beta_t ("fixed
+        small", as LDM; exactly 0 at the last step), written as x_{t-1} = c_x * x_t - c_eps * eps + sigma_t * z.
+        Returns the timesteps (steps,) in the order the sampler runs them (t = T-1 first) and float64 rows
+        (c_x, c_eps, sigma): sample() uses them, and so does export.py's ONNX Runtime sampler."""
+        ts, a_bar, a_bar_prev = self.chain(steps)
+        alpha = a_bar / a_bar_prev
+        beta = 1 - alpha
+        coefs = torch.stack([1 / alpha.sqrt(), beta / ((1 - a_bar).sqrt() * alpha.sqrt()),
+                             ((1 - a_bar_prev) / (1 - a_bar) * beta).sqrt()], dim=1)
+        return ts.flip(0), coefs.flip(0)
+
+    @staticmethod
+    def ancestral_step(x_t: torch.Tensor, eps: torch.Tensor, coefs, noise: torch.Tensor) -> torch.Tensor:
+        """x_{t-1} from one row (c_x, c_eps, sigma) of step_coefficients."""
+        return coefs[0] * x_t - coefs[1] * eps + coefs[2] * noise
+
     @torch.no_grad()
     def sample(self, unet: nn.Module, slots: torch.Tensor, latent_shape: tuple[int, int, int],
                seed: int = 0, steps: int | None = None, progress: bool = True) -> torch.Tensor:
         """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) of one latent per slot set, all T steps
         (`steps` < T: a shorter chain for tests, see `chain`)."""
-        ts, a_bar, a_bar_prev = self.chain(steps)
-        steps = len(ts)
+        ts, coefs = self.step_coefficients(steps)
         generator = torch.Generator(slots.device).manual_seed(seed)
         x = torch.randn((slots.shape[0], *latent_shape), generator=generator, device=slots.device)
-        for i in tqdm(reversed(range(steps)), total=steps, desc="ddpm", disable=not progress, leave=False):
-            t = torch.full((x.shape[0],), int(ts[i]), device=x.device, dtype=torch.long)
-            eps = unet(x, t, slots).float()
-            noise = torch.randn(x.shape, generator=generator, device=x.device) if i > 0 else torch.zeros_like(x)
-            x = ddpm_step(x, eps, float(a_bar[i]), float(a_bar_prev[i]), noise)
+        for i, (t, step_coefs) in enumerate(tqdm(zip(ts.tolist(), coefs.tolist()), total=len(ts), desc="ddpm",
+                                                 disable=not progress, leave=False)):
+            eps = unet(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), slots).float()
+            last = i == len(ts) - 1   # no noise (and no draw from the generator) at the last step
+            noise = torch.zeros_like(x) if last else torch.randn(x.shape, generator=generator, device=x.device)
+            x = self.ancestral_step(x, eps, step_coefs, noise)
         return x
-
-
-def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, a_bar: float, a_bar_prev: float,
-              noise: torch.Tensor) -> torch.Tensor:
-    """x_{t-1} = (x_t - beta_t / sqrt(1 - a_bar_t) * eps) / sqrt(alpha_t) + sigma_t * z, with the posterior
-    variance sigma_t^2 = beta-tilde_t = (1 - a_bar_{t-1}) / (1 - a_bar_t) * beta_t ("fixed small", as LDM): it is
-    exactly 0 at the last step, so the final latent carries no added noise."""
-    alpha = a_bar / a_bar_prev
-    beta = 1 - alpha
-    sigma = math.sqrt((1 - a_bar_prev) / (1 - a_bar) * beta)
-    return (x_t - beta / math.sqrt(1 - a_bar) * eps) / math.sqrt(alpha) + sigma * noise
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -344,7 +340,7 @@ class UNet(nn.Module):
     SlotTransformer except at full resolution) joined by down-sampling ResBlocks; a middle of
     ResBlock-SlotTransformer-ResBlock; the mirror image going up, every layer concatenating the matching skip."""
 
-    def __init__(self, cfg: SDConfig, latent_channels: int = 3):
+    def __init__(self, cfg: UNetConfig, slot_dim: int, latent_channels: int = 3):
         super().__init__()
         base, time_dim = cfg.base_channels, 4 * cfg.base_channels
         self.base_channels = base
@@ -354,7 +350,7 @@ class UNet(nn.Module):
             return ResBlock(i, o, time_dim, cfg.dropout, resample)
 
         def attn(ch: int) -> SlotTransformer:
-            return SlotTransformer(ch, cfg.slot_dim, cfg.head_dim, cfg.dropout)
+            return SlotTransformer(ch, slot_dim, cfg.head_dim, cfg.dropout)
 
         self.conv_in = nn.Conv2d(latent_channels, base, 3, padding=1)
         self.down = nn.ModuleList()
@@ -401,9 +397,9 @@ class UNet(nn.Module):
 class SlotDiffusion(nn.Module):
     def __init__(self, cfg: SDConfig, latent_channels: int = 3):
         super().__init__()
-        self.encoder = SlotEncoder(encoder_config(cfg))
-        self.unet = UNet(cfg, latent_channels)
-        self.diffusion = Diffusion(cfg)
+        self.encoder = SlotEncoder(cfg.encoder)
+        self.unet = UNet(cfg.unet, cfg.encoder.slot_dim, latent_channels)
+        self.diffusion = Diffusion(cfg.diffusion)
 
     def forward(self, images: torch.Tensor, latents: torch.Tensor,
                 t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -438,25 +434,26 @@ def file_hash(path: str | Path) -> str:
 
 
 def ensure_vae(cfg: SDConfig, cache_dir: str = ".cache") -> str:
-    """Path of the VQ-VAE checkpoint: --vae, or one trained here with vae.py's preset for the resolution, once per
-    (data, resolution): later runs reuse it, and an interrupted VAE training resumes."""
+    """Absolute path of the VQ-VAE checkpoint: --vae, or one trained here with vae.py's preset for the resolution,
+    once per (data, resolution): later runs reuse it, and an interrupted VAE training resumes (a Ctrl-C during it
+    stops this script too, so SlotDiffusion never trains on an unfinished VAE)."""
     if cfg.vae:
-        return cfg.vae
-    preset = "cpu" if cfg.resolution <= 64 else "paper"
+        return str(Path(cfg.vae).resolve())
+    resolution = cfg.encoder.resolution
+    preset = "cpu" if resolution <= 64 else "paper"
     scenes = f"-n{cfg.num_train}" if cfg.num_train else ""
-    folder = Path(cache_dir) / "vae" / f"{safe_name(cfg.data)}{scenes}-{cfg.resolution}px-{preset}"
+    folder = Path(cache_dir) / "vae" / f"{safe_name(cfg.data)}{scenes}-{resolution}px-{preset}"
+    vae_cfg = trainlib.make_config(vae.TrainConfig, vae.PRESETS[preset], dict(
+        data=cfg.data, resolution=resolution, num_train=cfg.num_train, device=cfg.device, out=str(folder)))
+    vae.validate(vae_cfg)
     path = folder / "ckpt.pt"
     if path.exists():
-        state = trainlib.load_checkpoint(path)
-        if state["step"] >= state["args"]["steps"]:
-            return str(path)
+        state = trainlib.load_checkpoint(path, kind="vae")
+        if state["step"] >= state["config"]["steps"]:
+            return str(path.resolve())
     print(f"no --vae given: training a VQ-VAE (vae.py --preset {preset}) in {folder}; later runs reuse it")
-    argv = ["--data", cfg.data, "--preset", preset, "--resolution", str(cfg.resolution), "--out", str(folder),
-            "--device", cfg.device] + (["--resume"] if path.exists() else [])
-    if cfg.num_train:
-        argv += ["--train-limit", str(cfg.num_train)]
-    vae.train(vae.parse_args(argv))
-    return str(path)
+    vae.train(vae_cfg, resume=str(path) if path.exists() else None)
+    return str(path.resolve())
 
 
 def cached_latents(vqvae: vae.VQVAE, vae_hash: str, scenes: Scenes, device: torch.device, batch_size: int,
@@ -491,19 +488,21 @@ def lr_scale(step: int, cfg: SDConfig) -> float:
 
 def checkpoint_state(model: nn.Module, opt: torch.optim.Optimizer, scaler, step: int, cfg: SDConfig,
                      vae_hash: str) -> dict:
-    return dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step,
-                config=asdict(cfg), vae_hash=vae_hash, rng=trainlib.rng_state())
+    """cfg.vae is an absolute path and vae_hash its content's hash, so the checkpoint finds (and checks) its VAE
+    from any working directory."""
+    return dict(kind="slotdiff", model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
+                step=step, config=asdict(cfg), vae_hash=vae_hash, rng=trainlib.rng_state())
 
 
 def load_frozen_vae(cfg: SDConfig, device: torch.device) -> tuple[vae.VQVAE, str]:
     """The VAE, checked against the UNet's levels, and the hash of its file (which identifies cached latents and
     must match a checkpoint's)."""
     vqvae = vae.load_vae(cfg.vae).to(device).requires_grad_(False)
-    levels = 2 ** (len(cfg.channel_mult) - 1)
-    latent_size = cfg.resolution // vqvae.cfg.downsample
-    if cfg.resolution % vqvae.cfg.downsample or latent_size % levels:
-        raise InputError(f"--resolution {cfg.resolution} gives a {latent_size}x{latent_size} latent, which the "
-                         f"UNet's {len(cfg.channel_mult)} levels cannot halve {len(cfg.channel_mult) - 1} times; "
+    levels, resolution = 2 ** (len(cfg.unet.channel_mult) - 1), cfg.encoder.resolution
+    latent_size = resolution // vqvae.cfg.downsample
+    if resolution % vqvae.cfg.downsample or latent_size % levels:
+        raise InputError(f"--resolution {resolution} gives a {latent_size}x{latent_size} latent, which the "
+                         f"UNet's {len(cfg.unet.channel_mult)} levels cannot halve {len(cfg.unet.channel_mult) - 1} times; "
                          f"use a resolution divisible by {vqvae.cfg.downsample * levels}")
     return vqvae, file_hash(cfg.vae)
 
@@ -524,7 +523,7 @@ def evaluate_loss_and_masks(model: SlotDiffusion, scenes: Scenes, latents: torch
         bar = tqdm(batches, total=math.ceil(n / cfg.batch_size), desc="eval", disable=not progress, leave=False)
         for i, (images, true_masks) in enumerate(bar):
             z0 = latents[i * cfg.batch_size:][:len(images)].to(device)
-            t = torch.randint(0, cfg.timesteps, (len(images),), generator=generator).to(device)
+            t = torch.randint(0, cfg.diffusion.timesteps, (len(images),), generator=generator).to(device)
             noise = torch.randn(z0.shape, generator=generator).to(device)
             with trainlib.autocast(device, cfg.amp):
                 out = model(images, z0, t, noise)
@@ -539,14 +538,13 @@ def train(cfg: SDConfig, resume: str | None = None) -> Path | None:
     (None on the non-master DDP ranks, which do not evaluate)."""
     ddp = trainlib.setup_distributed(cfg.device)
     device, master = ddp.device, ddp.is_master
-    out = Path(cfg.out)
-    ckpt_path = out / "ckpt.pt"
     torch.manual_seed(cfg.seed + ddp.rank)
 
-    train_set = load_split(cfg.data, "train", cfg.resolution, cfg.num_train)
-    val_set = load_split(cfg.data, "val", cfg.resolution, cfg.num_val)
-    check_resolution(train_set, cfg)
-    cfg = with_slots_for(train_set, cfg)
+    resolution = cfg.encoder.resolution
+    train_set = load_split(cfg.data, "train", resolution, cfg.num_train)
+    val_set = load_split(cfg.data, "val", resolution, cfg.num_val)
+    check_resolution(train_set, cfg.encoder)
+    cfg = replace(cfg, encoder=with_slots_for(train_set, cfg.encoder))
     with master_first(ddp.world_size, master):
         cfg = replace(cfg, vae=ensure_vae(cfg))
         vqvae, vae_hash = load_frozen_vae(cfg, device)
@@ -559,8 +557,8 @@ def train(cfg: SDConfig, resume: str | None = None) -> Path | None:
     scaler = trainlib.make_grad_scaler(device, cfg.amp)
     start = 0
     if resume:
-        state = trainlib.load_checkpoint(resume, map_location=device)
-        if state.get("vae_hash") != vae_hash:
+        state = trainlib.load_checkpoint(resume, map_location=device, kind="slotdiff")
+        if state["vae_hash"] != vae_hash:
             raise InputError(f"{resume} was trained on the latents of another VAE than {cfg.vae}; "
                              f"pass --vae with the VAE it was trained with")
         model.load_state_dict(state["model"])
@@ -570,9 +568,11 @@ def train(cfg: SDConfig, resume: str | None = None) -> Path | None:
         start = state["step"]
         if master:
             print(f"resumed from {resume} at step {start}")
-    log = trainlib.MetricsLog(out / "metrics.jsonl", resume_step=start if resume else None) if master else None
+    loop = trainlib.TrainLoop(cfg, start, Path(cfg.out), script="slotdiff.py", title="SlotDiffusion",
+                              resumed=bool(resume), master=master, world_size=ddp.world_size, device=device,
+                              images_per_step=cfg.batch_size * ddp.world_size, epoch_size=len(train_set))
     if master:
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        (Path(cfg.out) / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
         print(f"SlotDiffusion: encoder {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M + UNet "
               f"{sum(p.numel() for p in model.unet.parameters()) / 1e6:.2f}M params, latents "
               f"{tuple(train_latents.shape[1:])}, {len(train_set)} train / {len(val_set)} val scenes, device {device}")
@@ -581,73 +581,56 @@ def train(cfg: SDConfig, resume: str | None = None) -> Path | None:
     if ddp.world_size > 1:
         step_model = nn.parallel.DistributedDataParallel(
             step_model, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
-    images_per_step = cfg.batch_size * ddp.world_size
-    epoch_size = len(train_set)
-
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not master,
-               dynamic_ncols=True)
-    with trainlib.StopOnInterrupt() as interrupt:
-        for step in bar:
-            for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * lr_scale(step, cfg)
-            images, _ = get_batch(train_set, step, cfg.batch_size, cfg.seed, device, ddp.rank, ddp.world_size)
-            index = batch_indices(len(train_set), step, cfg.batch_size, cfg.seed, ddp.rank, ddp.world_size)
-            with trainlib.autocast(device, cfg.amp):
-                loss = step_model(images, train_latents[torch.from_numpy(index).to(device)])["loss"]
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            done = step + 1
-
-            if master and (done % cfg.log_every == 0 or done == cfg.steps):
-                loss_value = loss.item()
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{cfg.unet_lr * lr_scale(step, cfg):.1e}")
-                log.log(step=done, epoch=done * images_per_step / epoch_size, train_loss=loss_value,
-                        lr=cfg.unet_lr * lr_scale(step, cfg))
-            if master and (done % cfg.eval_every == 0 or done == cfg.steps):
-                val = evaluate_loss_and_masks(model, val_set, val_latents, cfg, device, limit=cfg.eval_images)
-                log.log(step=done, epoch=done * images_per_step / epoch_size, **val)
-                bar.write(f"step {done}: val loss {val['val_loss']:.4f}  FG-ARI {val['fg_ari']:.3f}  "
-                          f"ARI {val['ari']:.3f}  mBO {val['mbo']:.3f} (first {cfg.eval_images} val images)")
-                trainlib.plot_loss_curves(log.records(), out / "loss_curves.png", title="SlotDiffusion")
-            if master and (done % cfg.ckpt_every == 0 or done == cfg.steps or interrupt.requested):
-                trainlib.save_checkpoint(checkpoint_state(model, opt, scaler, done, cfg, vae_hash), ckpt_path)
-            if interrupt.requested:
-                bar.close()
-                print(f"stopped at step {done}; checkpoint {ckpt_path}. "
-                      f"Resume: python slotdiff.py --resume {ckpt_path}")
-                sys.exit(130)
-    bar.close()
+    for step in loop.steps():
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * lr_scale(step, cfg)
+        images, _ = get_batch(train_set, step, cfg.batch_size, cfg.seed, device, ddp.rank, ddp.world_size)
+        index = batch_indices(len(train_set), step, cfg.batch_size, cfg.seed, ddp.rank, ddp.world_size)
+        with trainlib.autocast(device, cfg.amp):
+            loss = step_model(images, train_latents[torch.from_numpy(index).to(device)])["loss"]
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        loop.end_step(step + 1, loss, cfg.unet_lr * lr_scale(step, cfg),
+                      evaluate=lambda: evaluate_loss_and_masks(model, val_set, val_latents, cfg, device,
+                                                               limit=cfg.eval_images),
+                      state=lambda: checkpoint_state(model, opt, scaler, step + 1, cfg, vae_hash))
     if ddp.world_size > 1:
         torch.distributed.destroy_process_group()
-    return ckpt_path if master else None
+    return loop.ckpt if master else None
 
 
 # ----------------------------------------------------------------------------------------------------------
 # evaluation: segmentation from the attention maps, reconstruction and compositional generation by DDPM
 
 @torch.no_grad()
-def generate(model: SlotDiffusion, vqvae: vae.VQVAE, slots: torch.Tensor, cfg: SDConfig,
-             device: torch.device) -> np.ndarray:
+def generate(model: SlotDiffusion, vqvae: vae.VQVAE, slots: torch.Tensor, cfg: SDConfig, device: torch.device,
+             sample: Callable | None = None, decode: Callable | None = None) -> np.ndarray:
     """Slots (n,K,D) -> DDPM in the latent space (all T steps) -> VAE decode -> (n,H,W,3) uint8. Every chunk has
-    sample_batch scenes (the last is padded), so a compiled UNet is compiled for one shape only."""
+    sample_batch scenes (the last is padded), so a compiled UNet is compiled for one shape only; chunk i is
+    sampled with seed cfg.seed + i. sample(slots, latent_shape, seed) -> latents and decode(latents) -> images
+    replace the PyTorch sampler and VAE decoder (export.py passes ONNX Runtime ones)."""
     model.eval()
-    denoiser = torch.compile(model.unet) if cfg.compile else model.unet
-    size = cfg.resolution // vqvae.cfg.downsample
+    if sample is None:
+        denoiser = torch.compile(model.unet) if cfg.compile else model.unet
+
+        def sample(chunk_slots: torch.Tensor, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
+            with trainlib.autocast(device, cfg.amp):
+                return model.diffusion.sample(denoiser, chunk_slots, shape, seed=seed, steps=cfg.sample_steps)
+    decode = decode or vqvae.decode
+    size = cfg.encoder.resolution // vqvae.cfg.downsample
     batch = min(cfg.sample_batch, len(slots))
     images = []
-    bar = tqdm(slots.split(batch), desc=f"{cfg.sample_steps or cfg.timesteps}-step DDPM", unit="batch",
+    bar = tqdm(slots.split(batch), desc=f"{cfg.sample_steps or cfg.diffusion.timesteps}-step DDPM", unit="batch",
                dynamic_ncols=True)
     for i, chunk in enumerate(bar):
         padded = torch.cat([chunk, chunk[-1:].expand(batch - len(chunk), -1, -1)]).to(device)
-        with trainlib.autocast(device, cfg.amp):
-            z = model.diffusion.sample(denoiser, padded, (vqvae.cfg.embed_dim, size, size), seed=cfg.seed + i,
-                                       steps=cfg.sample_steps)
-        images.append(to_uint8(vqvae.decode(z[:len(chunk)])))
+        z = sample(padded, (vqvae.cfg.embed_dim, size, size), cfg.seed + i)
+        images.append(to_uint8(decode(z[:len(chunk)])))
     return np.concatenate(images)
 
 
@@ -662,24 +645,36 @@ def save_reconstructions(images: torch.Tensor, true_masks: torch.Tensor, attn: t
     save_grid(np.stack(rows), str(path), nrow=5, labels=["input", "VAE", "sampled", "true", "attention"])
 
 
-def evaluate(ckpt: str | Path, cfg: SDConfig | None = None) -> dict:
-    """Full evaluation of a checkpoint (with its own config unless one is given); writes val_metrics.json,
-    reconstructions.png, comp_grid.png and the generated images in comp_gen/ next to the checkpoint."""
-    state = trainlib.load_checkpoint(ckpt)
-    cfg = cfg or SDConfig(**{**state["config"], "channel_mult": tuple(state["config"]["channel_mult"])})
-    device = trainlib.pick_device(cfg.device)
-    out = Path(ckpt).parent
+def load(ckpt: str | Path, cfg: SDConfig | None = None, device: torch.device | str = "cpu"
+         ) -> tuple[SDConfig, SlotDiffusion, vae.VQVAE, dict]:
+    """A slotdiff.py checkpoint: its config (or cfg: the checkpoint's with flags applied, which may change
+    evaluation settings but not the model's), the model and its frozen VQ-VAE (checked by content hash) in eval
+    mode on `device`, and the checkpoint's dict."""
+    state = trainlib.load_checkpoint(ckpt, map_location=device, kind="slotdiff")
+    cfg = cfg or trainlib.config_from_checkpoint(SDConfig, state["config"], ckpt)
+    for part in ("encoder", "unet", "diffusion"):
+        trainlib.check_unchanged(getattr(cfg, part), state["config"][part], "the model", ckpt)
     vqvae, vae_hash = load_frozen_vae(cfg, device)
-    if state.get("vae_hash") != vae_hash:
+    if state["vae_hash"] != vae_hash:
         raise InputError(f"{ckpt} was trained on the latents of another VAE than {cfg.vae}; pass --vae with the "
                          f"VAE it was trained with")
     model = SlotDiffusion(cfg, vqvae.cfg.embed_dim).to(device)
-    model.load_state_dict(state["model"])
+    trainlib.load_weights(model, state["model"], ckpt)
+    return cfg, model.eval(), vqvae.eval(), state
+
+
+def evaluate(ckpt: str | Path, cfg: SDConfig | None = None) -> dict:
+    """Full evaluation of a checkpoint (with its own config unless one is given); writes val_metrics.json,
+    reconstructions.png, comp_grid.png and the generated images in comp_gen/ next to the checkpoint."""
+    device = trainlib.pick_device(cfg.device if cfg else "auto")
+    cfg, model, vqvae, state = load(ckpt, cfg, device)
+    vae_hash = state["vae_hash"]
+    out = Path(ckpt).parent
     torch.manual_seed(cfg.seed)                      # Gaussian slot init: make eval repeatable
 
-    val_set = load_split(cfg.data, "val", cfg.resolution, cfg.num_val)
-    train_set = load_split(cfg.data, "train", cfg.resolution, cfg.num_train)
-    check_resolution(val_set, cfg)
+    val_set = load_split(cfg.data, "val", cfg.encoder.resolution, cfg.num_val)
+    train_set = load_split(cfg.data, "train", cfg.encoder.resolution, cfg.num_train)
+    check_resolution(val_set, cfg.encoder)
     val_latents = cached_latents(vqvae, vae_hash, val_set, device, cfg.batch_size)
     result = evaluate_loss_and_masks(model, val_set, val_latents, cfg, device, progress=True)
     everything_one_segment = torch.zeros(val_set.masks.shape, dtype=torch.long)
@@ -705,7 +700,7 @@ def evaluate(ckpt: str | Path, cfg: SDConfig | None = None) -> dict:
     save_grid(generated[:64], str(out / "comp_grid.png"), nrow=8)
     result["fid"] = metrics.fid(val_set.images, generated, device=str(device))
     result.update(step=state["step"], val_images=len(val_set), generated_images=n, comp_sample=cfg.comp_sample,
-                  sample_steps=cfg.sample_steps or cfg.timesteps)
+                  sample_steps=cfg.sample_steps or cfg.diffusion.timesteps)
     (out / "val_metrics.json").write_text(json.dumps(result, indent=2))
     print(f"val ({len(val_set)} images): ARI {result['ari']:.4f}  FG-ARI {result['fg_ari']:.4f} (one-segment "
           f"baseline {result['fg_ari_one_segment_baseline']:.4f})  mBO {result['mbo']:.4f}  denoising loss "
@@ -717,39 +712,13 @@ def evaluate(ckpt: str | Path, cfg: SDConfig | None = None) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# command line: dataclass fields become flags (--base-channels, --channel-mult 1,2,3, --compile 0, ...);
-# presets are override dicts
-
-def parse_int_tuple(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(","))
-
-
-def parse_args(argv: list[str]) -> tuple[str, SDConfig, argparse.Namespace]:
-    command = argv.pop(0) if argv and argv[0] in ("train", "eval") else "train"
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a named set of overrides (explicit flags still win)")
-    p.add_argument("--resume", help="train: continue from this checkpoint exactly")
-    p.add_argument("--ckpt", help="eval: the checkpoint to evaluate")
-    p.add_argument("--no-eval", action="store_true", help="train: skip the final evaluation")
-    for f in fields(SDConfig):
-        kind = {"bool": int, "int": int, "int | None": int, "float": float,
-                "tuple[int, ...]": parse_int_tuple}.get(f.type, str)
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=f"default {f.default}")
-    args = p.parse_args(argv)
-    base = {}
-    if args.resume or args.ckpt:  # continue with the checkpoint's own settings unless overridden
-        base = trainlib.load_checkpoint(args.resume or args.ckpt)["config"]
-    elif args.preset:
-        base = PRESETS[args.preset]
-    explicit = {f.name: getattr(args, f.name) for f in fields(SDConfig) if getattr(args, f.name) is not None}
-    cfg = SDConfig(**{**base, **explicit})
-    cfg.compile, cfg.amp, cfg.channel_mult = bool(cfg.compile), bool(cfg.amp), tuple(cfg.channel_mult)
-    return command, cfg, args
-
+# command line: every config field is a flag (--base-channels, --channel-mult 1,2,3, --compile 0, ...); presets
+# are override dicts
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        command, cfg, args = parse_args(list(sys.argv[1:] if argv is None else argv))
+        command, cfg, args = trainlib.parse_command_line(SDConfig, PRESETS, list(sys.argv[1:] if argv is None else argv),
+                                                         __doc__, kind="slotdiff")
         validate(cfg)
         if command == "eval":
             if not args.ckpt:

@@ -1,12 +1,19 @@
 """Small training helpers shared by sa.py, slotdiff.py and vae.py.
 
-Only what would otherwise be copied between the three training scripts lives here: device/DDP set-up,
-mixed precision, the learning-rate schedule, atomic checkpoints, RNG capture for exact resume, the metrics
-log, loss-curve plots and clean Ctrl-C handling. Each script still owns its own model and training loop.
+Only what would otherwise be copied between the three training scripts lives here: configs from dataclasses,
+presets and flags; device/DDP set-up, mixed precision, learning-rate schedules, atomic checkpoints, RNG capture
+for exact resume; and TrainLoop, the bookkeeping around each script's own loop body (time budget, progress bar,
+metrics log, periodic evaluation and plots, checkpoints, Ctrl-C). Each script still owns its model and the
+body of its training loop.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import copy
+import dataclasses
+import functools
+import inspect
 import json
 import math
 import os
@@ -15,17 +22,192 @@ import random
 import re
 import signal
 import tempfile
+import sys
 import time
+import types
+import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import InputError
+from errors import InputError
+
+
+# ----------------------------------------------------------------------------------------------------------
+# configs: a dataclass whose fields may be the config dataclasses of its modules (an encoder's, a UNet's), presets
+# (dicts of overrides) and command-line flags. Every leaf field is a flag named after it: --slot-dim sets
+# cfg.encoder.slot_dim; leaf names are unique within a script's config.
+
+def config_paths(cls) -> dict[str, tuple[str, ...]]:
+    """Flag name (a leaf field) -> its path of attribute names in cls, nested configs included."""
+    paths = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        nested = config_paths(hint) if dataclasses.is_dataclass(hint) else {name: ()}
+        for leaf, path in nested.items():
+            assert leaf not in paths, f"{cls.__name__}: two settings are called {leaf!r}"
+            paths[leaf] = (name, *path) if dataclasses.is_dataclass(hint) else (name,)
+    return paths
+
+
+def field_comments(cls) -> dict[str, str]:
+    """The comment after each field in the source of cls and its nested configs (a comment may go on over the
+    following lines, indented under it): what --help shows for the flag."""
+    comments, current, indent = {}, None, 0
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        code, _, comment = line.partition("#")
+        if code.strip():
+            match = re.match(r"(\s*)(\w+)\s*:", code)
+            current, indent = (match.group(2), len(match.group(1))) if match else (None, 0)
+            if current:
+                comments[current] = comment.strip()
+        elif comment and current and len(line) - len(line.lstrip()) > indent:
+            comments[current] += " " + comment.strip()
+        else:
+            current = None
+    for hint in typing.get_type_hints(cls).values():
+        if dataclasses.is_dataclass(hint):
+            comments.update(field_comments(hint))
+    return comments
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (use 1/0, true/false, yes/no, on/off)")
+
+
+def flag_parser(hint) -> Callable[[str], Any]:
+    """How a flag's text becomes the field's type: bool, int, float, str, a tuple of ints as "1,2,3", or
+    "none" for an optional field."""
+    if hint is bool:
+        return parse_bool
+    options = typing.get_args(hint)
+    if typing.get_origin(hint) in (types.UnionType, typing.Union) and type(None) in options:
+        inner = flag_parser(next(a for a in options if a is not type(None)))
+        return lambda text: None if text.lower() == "none" else inner(text)
+    if typing.get_origin(hint) is tuple:
+        return lambda text: tuple(int(v) for v in text.split(","))
+    return hint
+
+
+def leaf_types(cls) -> dict[str, Any]:
+    """Flag name -> the type of that leaf field."""
+    return {leaf: typing.get_type_hints(functools.reduce(lambda c, name: typing.get_type_hints(c)[name], path[:-1],
+                                                         cls))[leaf] for leaf, path in config_paths(cls).items()}
+
+
+def parse_overrides(cls, items: list[str]) -> dict:
+    """["slot_grad=bo-qsa", "lr=1e-3", ...] -> typed overrides for cls (flag names, - or _)."""
+    types_by_name, overrides = leaf_types(cls), {}
+    for item in items:
+        key, _, value = item.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        if key not in types_by_name:
+            raise InputError(f"{key!r} is not a setting of {cls.__name__}; use the names of the script's flags")
+        try:
+            overrides[key] = flag_parser(types_by_name[key])(value)
+        except (ValueError, argparse.ArgumentTypeError):
+            raise InputError(f"{key}={value!r} is not a valid {types_by_name[key]}") from None
+    return overrides
+
+
+def set_config_value(cfg, key: str, value) -> None:
+    """cfg.<key> = value, where key is a field of cfg or a leaf of one of its nested configs. A nested config's
+    own name takes a config object (replacing it) or a dict of its fields (as a checkpoint stores it)."""
+    hints = typing.get_type_hints(type(cfg))
+    if key in hints and dataclasses.is_dataclass(hints[key]):
+        if dataclasses.is_dataclass(value):
+            setattr(cfg, key, copy.deepcopy(value))
+        else:
+            for name, item in value.items():
+                set_config_value(getattr(cfg, key), name, item)
+    elif key in hints:
+        setattr(cfg, key, tuple(value) if isinstance(value, list) else value)
+    else:
+        nested = [name for name, hint in hints.items() if dataclasses.is_dataclass(hint) and key in config_paths(hint)]
+        if not nested:
+            raise KeyError(key)
+        set_config_value(getattr(cfg, nested[0]), key, value)
+
+
+def make_config(cls, *layers: dict):
+    """cls() with each layer of overrides applied in turn (defaults <- preset or checkpoint <- flags)."""
+    cfg = cls()
+    for layer in layers:
+        for key, value in layer.items():
+            set_config_value(cfg, key, value)
+    return cfg
+
+
+def config_from_checkpoint(cls, stored: dict, path: str | Path):
+    """The config a checkpoint was trained with; a field this version does not know is a clear error."""
+    try:
+        return make_config(cls, stored)
+    except KeyError as e:
+        raise InputError(f"{path} was written by another version of this script (unknown setting {e}); retrain "
+                         f"it, or use the version that wrote it") from None
+
+
+def parse_command_line(cls, presets: dict, argv: list[str], description: str, kind: str,
+                       commands: tuple[str, ...] = ("train", "eval")) -> tuple[str, Any, argparse.Namespace]:
+    """(command, config, args) for a training script: every config field is a flag (its comment is the help);
+    --preset applies a named dict of overrides; --resume / --ckpt start from that checkpoint's config instead
+    (a --preset beside them is ignored, and says so); explicit flags always win."""
+    command = argv.pop(0) if argv and argv[0] in commands else commands[0]
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(presets), help="a named set of overrides (explicit flags still win)")
+    p.add_argument("--resume", help="train: continue exactly from this checkpoint (its settings, model, optimiser, "
+                                    "step and random state)")
+    p.add_argument("--ckpt", help="eval: the checkpoint to evaluate")
+    p.add_argument("--no-eval", action="store_true", help="train: skip the final evaluation")
+    hints, comments, defaults = leaf_types(cls), field_comments(cls), cls()
+    for leaf, path in config_paths(cls).items():
+        default = functools.reduce(getattr, path, defaults)
+        p.add_argument("--" + leaf.replace("_", "-"), type=flag_parser(hints[leaf]), default=None,
+                       metavar=leaf.upper(), help=f"{comments.get(leaf, '')} (default {default})".strip())
+    args = p.parse_args(argv)
+    base = {}
+    source = args.resume or args.ckpt
+    if source:
+        base = load_checkpoint(source, kind=kind)["config"]
+        if args.preset:
+            print(f"note: --preset {args.preset} is ignored: {source} continues with its own settings "
+                  f"(explicit flags still apply)")
+    elif args.preset:
+        base = presets[args.preset]
+    explicit = {leaf: getattr(args, leaf) for leaf in hints if getattr(args, leaf) is not None}
+    cfg = config_from_checkpoint(cls, base, source) if source else make_config(cls, base)
+    return command, with_overrides(cfg, explicit), args
+
+
+def with_overrides(cfg, overrides: dict):
+    """A copy of cfg with overrides (flag name -> value) applied."""
+    cfg = copy.deepcopy(cfg)
+    for key, value in overrides.items():
+        set_config_value(cfg, key, value)
+    return cfg
+
+
+def check_unchanged(cfg, stored: dict, what: str, path: str | Path) -> None:
+    """Refuse flags that would change a trained model's structure (cfg's fields against the checkpoint's dict),
+    naming the flag and the value the model was trained with."""
+    current = dataclasses.asdict(cfg)
+    for key, value in stored.items():
+        if isinstance(value, list):
+            value = tuple(value)
+        if key in current and current[key] != value:
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            raise InputError(f"--{key.replace('_', '-')} {current[key]}: {path} was trained with "
+                             f"--{key.replace('_', '-')} {shown}, and {what} cannot change after training; drop "
+                             f"the flag")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -119,16 +301,20 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
         raise
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+SCRIPTS = {"sa": "sa.py", "slotdiff": "slotdiff.py", "vae": "vae.py"}  # checkpoint kind -> the script that writes it
+
+
+def load_checkpoint(path: str | Path, map_location="cpu", kind: str | None = None) -> dict:
     """torch.load with weights_only=True: a checkpoint is tensors and plain data only, so a file from elsewhere
-    (the course's vae_checkpoint.pth, a colleague's run) can never execute code while it is read."""
+    (the course's vae_checkpoint.pth, a colleague's run) can never execute code while it is read. With `kind`
+    ("sa", "slotdiff", "vae"), anything but a checkpoint that script wrote is refused, naming what it is."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"checkpoint {path} does not exist; train first or pass the right --ckpt/--resume path")
     try:
         with warnings.catch_warnings():  # a raw pickle's protocol warning would only precede the refusal below
             warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location=map_location, weights_only=True)
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
         if found:
@@ -140,6 +326,30 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
                          f"code); delete it and retrain") from None
     except Exception as e:  # a truncated or foreign file: say which one, not a pickle traceback
         raise InputError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete it and retrain") from None
+    if kind is not None:
+        check_kind(state, kind, path)
+    return state
+
+
+def load_weights(model: torch.nn.Module, weights: dict, path: str | Path) -> None:
+    """model.load_state_dict, with a mismatch (an edited file, another version of the code) as one clear line."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        first = (str(e).splitlines()[1:2] or [str(e)])[0].strip()
+        raise InputError(f"{path}: the weights do not match the config stored with them ({first}); the file was "
+                         f"edited or written by another version: retrain it") from None
+
+
+def check_kind(state, kind: str, path: str | Path) -> None:
+    script = SCRIPTS[kind]
+    if not isinstance(state, dict) or not {"model", "config", "kind"} <= set(state):
+        what = f"a dict with keys {sorted(map(str, state))[:6]}" if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise InputError(f"{path} is not a checkpoint written by {script} (it holds {what}); pass the ckpt.pt that "
+                         f"`python {script}` wrote")
+    if state["kind"] != kind:
+        other = SCRIPTS.get(state["kind"], state["kind"])
+        raise InputError(f"{path} is a {other} checkpoint, not a {script} one; use it with `python {other}`")
 
 
 def rng_state() -> dict:
@@ -221,7 +431,8 @@ def plot_loss_curves(records: list[dict], png_path: str | Path, keys=("train_los
     plt.close(fig)
 
 
-SCORE_NAMES = {"fg_ari": "FG-ARI", "ari": "ARI", "mbo": "mBO", "train_loss": "train loss", "val_loss": "val loss"}
+SCORE_NAMES = {"fg_ari": "FG-ARI", "ari": "ARI", "mbo": "mBO", "train_loss": "train loss", "val_loss": "val loss",
+               "psnr": "PSNR", "codebook_usage": "codebook usage"}
 
 
 class StopOnInterrupt:
@@ -293,3 +504,68 @@ class TrainProgress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class TrainLoop:
+    """The bookkeeping every training script does around its own loop body, written once: the time budget, a
+    progress bar with a true ETA, the metrics log, periodic evaluation with the loss-curve picture, atomic
+    checkpoints (every ckpt_every steps, at the last step, on Ctrl-C) and what to print when it stops.
+
+        loop = TrainLoop(cfg, start, out, script="sa.py", title="...", resumed=bool(resume))
+        for step in loop.steps():
+            loss = ...one optimiser step...
+            loop.end_step(step + 1, loss, lr, evaluate=lambda: {...scores...}, state=lambda: {...checkpoint...})
+
+    cfg needs steps, max_minutes, log_every, eval_every and ckpt_every. Under DDP only the master logs,
+    evaluates and saves, but every rank stops at the same step."""
+
+    def __init__(self, cfg, start: int, out: Path, script: str, title: str, resumed: bool = False,
+                 master: bool = True, world_size: int = 1, device: torch.device | None = None,
+                 images_per_step: int = 1, epoch_size: int = 1):
+        self.cfg, self.start, self.out, self.script, self.title = cfg, start, Path(out), script, title
+        self.master, self.world_size, self.device = master, world_size, device
+        self.images_per_step, self.epoch_size = images_per_step, epoch_size
+        self.ckpt = self.out / "ckpt.pt"
+        self.log = MetricsLog(self.out / "metrics.jsonl", resume_step=start if resumed else None) if master else None
+        self.finished = start >= cfg.steps
+        self.interrupt = StopOnInterrupt()
+
+    def steps(self):
+        """The step numbers to run, from the start until the last step, the budget or a Ctrl-C."""
+        self.budget = TimeBudget(self.cfg.max_minutes)
+        self.bar = TrainProgress(self.start, self.cfg.steps, self.cfg.max_minutes, disable=not self.master)
+        step = self.start
+        with self.interrupt:
+            try:
+                while not self.finished:
+                    yield step
+                    step += 1
+            finally:
+                self.bar.close()
+
+    def end_step(self, done: int, loss: torch.Tensor, lr: float, evaluate: Callable[[], dict],
+                 state: Callable[[], dict]) -> None:
+        cfg = self.cfg
+        out_of_time = self.budget.expired(self.world_size, self.device)
+        last = done >= cfg.steps or out_of_time
+        self.bar.update(done)
+        epoch = done * self.images_per_step / self.epoch_size
+        if self.master and (done % cfg.log_every == 0 or last):
+            value = loss.item()
+            self.bar.show(done, loss=f"{value:.4f}", lr=f"{lr:.1e}")
+            self.log.log(step=done, epoch=epoch, train_loss=value, lr=lr)
+        if self.master and (done % cfg.eval_every == 0 or last):
+            scores = evaluate()
+            self.log.log(step=done, epoch=epoch, **scores)
+            self.bar.write(f"step {done}: " + "  ".join(f"{SCORE_NAMES.get(k, k)} {v:.4f}" for k, v in scores.items()))
+            plot_loss_curves(self.log.records(), self.out / "loss_curves.png", title=self.title)
+        if self.master and (done % cfg.ckpt_every == 0 or last or self.interrupt.requested):
+            save_checkpoint(state(), self.ckpt)
+        if out_of_time and self.master:
+            self.bar.write(f"--max-minutes {cfg.max_minutes:g} reached at step {done}; checkpoint {self.ckpt} "
+                           f"(train further with: python {self.script} --resume {self.ckpt} --max-minutes N)")
+        if self.interrupt.requested:
+            self.bar.close()
+            print(f"stopped at step {done}; checkpoint {self.ckpt}. Resume: python {self.script} --resume {self.ckpt}")
+            sys.exit(130)
+        self.finished = last

@@ -9,14 +9,15 @@ CLEVRTex (ch 64, ch_mult (1,2,4), 2 res blocks, single-head attention in the mid
 
 Run as a script it trains a VQ-VAE on a dataset (see `main` at the bottom):
     python vae.py --data synthetic-clevr --preset cpu --out runs/vae
+    python vae.py --resume runs/vae/ckpt.pt          # continue an interrupted training exactly
+    python vae.py eval --ckpt runs/vae/ckpt.pt       # PSNR, codebook usage, reconstructions.png
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 import data
 import trainlib
-from data import InputError
+from errors import InputError
 
 
 @dataclass
@@ -197,22 +198,23 @@ class VectorQuantizer(nn.Module):
         nn.init.uniform_(self.embedding.weight, -1.0 / n_embed, 1.0 / n_embed)
 
     @torch.no_grad()
-    def nearest(self, z: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+    def nearest(self, z: torch.Tensor, chunk: int | None = 16384) -> torch.Tensor:
         """Indices of the nearest codebook rows for z (N, D). Always fp32 (bf16 distances pick wrong codes),
-        ||z||^2 - 2 z.e + ||e||^2 as one matmul per chunk so (N, n_embed) never has to fit in memory at once."""
+        ||z||^2 - 2 z.e + ||e||^2 as one matmul per chunk of rows so (N, n_embed) never has to fit in memory at
+        once; chunk=None is one matmul for all rows (a graph whose shape does not depend on N, for export)."""
         with torch.autocast(device_type=z.device.type, enabled=False):
             codes = self.embedding.weight.float()
             codes_sq = (codes * codes).sum(1)
             out = []
-            for zc in z.float().split(chunk):
+            for zc in ([z.float()] if chunk is None else z.float().split(chunk)):
                 dist = torch.addmm(codes_sq, zc, codes.t(), alpha=-2.0) + (zc * zc).sum(1, keepdim=True)
                 out.append(dist.argmin(1))
             return torch.cat(out)
 
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, z: torch.Tensor, chunk: int | None = 16384) -> tuple[torch.Tensor, torch.Tensor]:
         """z (B, D, h, w) -> codebook vectors (B, D, h, w) float32 and their indices (B, h, w)."""
         B, D, h, w = z.shape
-        indices = self.nearest(z.permute(0, 2, 3, 1).reshape(-1, D)).view(B, h, w)
+        indices = self.nearest(z.permute(0, 2, 3, 1).reshape(-1, D), chunk).view(B, h, w)
         z_q = self.embedding(indices).permute(0, 3, 1, 2)
         return z_q, indices
 
@@ -241,10 +243,11 @@ class VQVAE(nn.Module):
         self._check_images(images)
         return self.quant_conv(self.encoder(images))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, chunk: int | None = 16384) -> torch.Tensor:
         """latents (B, embed_dim, h, w) -> images in about [-1,1] (unclamped, like the reference). Quantises
-        first, so diffusion samples (which are never exactly on the codebook) decode like real latents."""
-        z_q, _ = self.quantize(z)
+        first, so diffusion samples (which are never exactly on the codebook) decode like real latents.
+        chunk: rows per codebook search (None: all at once, the exportable form)."""
+        z_q, _ = self.quantize(z, chunk)
         return self.decoder(self.post_quant_conv(z_q))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -282,7 +285,7 @@ def _check_state_dict(model: VQVAE, state: dict, path: Path) -> None:
 
 def load_vae(path: str | Path, map_location="cpu") -> VQVAE:
     """Load the course's vae_checkpoint.pth (a raw state dict, default VAEConfig) or a checkpoint written by
-    this script ({"model": state_dict, "config": asdict(VAEConfig), ...}). Returns the model in eval mode."""
+    this script (kind "vae", its model config inside its training config). Returns the model in eval mode."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"VAE checkpoint {path} does not exist: train one with `python vae.py --preset cpu --out "
@@ -291,12 +294,9 @@ def load_vae(path: str | Path, map_location="cpu") -> VQVAE:
     if not isinstance(ckpt, dict):
         raise InputError(f"{path} holds a {type(ckpt).__name__}, not a state dict; pass the course's "
                          f"vae_checkpoint.pth or a checkpoint written by `python vae.py`")
-    if "model" in ckpt and "config" in ckpt:
-        foreign = set(ckpt["config"]) - {f.name for f in fields(VAEConfig)}
-        if foreign:
-            raise InputError(f"{path} was written for another model (its config has {sorted(foreign)[:5]}); "
-                             f"pass a checkpoint written by `python vae.py` or the course's vae_checkpoint.pth")
-        cfg = VAEConfig(**{**ckpt["config"], "ch_mult": tuple(ckpt["config"]["ch_mult"])})
+    if "kind" in ckpt:   # one of this project's checkpoints: it must be a VAE's
+        trainlib.check_kind(ckpt, "vae", path)
+        cfg = trainlib.config_from_checkpoint(TrainConfig, ckpt["config"], path).model
         state = ckpt["model"]
     else:
         cfg, state = VAEConfig(), ckpt
@@ -322,17 +322,53 @@ def encode_scenes(vae: VQVAE, scenes: data.Scenes, batch_size: int, device) -> t
 # ----------------------------------------------------------------------------------------------------------
 # training: the VQ-VAE is trained once per dataset, before (and separately from) SlotDiffusion
 
+@dataclass
+class TrainConfig:
+    # data
+    data: str = "synthetic-clevr"  # synthetic-clevr / synthetic-clevrtex (embedded generator) or a dataset folder
+    resolution: int = 128
+    num_train: int | None = None   # scenes to use (synthetic: to generate); None = the whole split / 5000
+    num_val: int | None = None     # None = the whole split / 500
+    # model
+    model: VAEConfig = field(default_factory=VAEConfig)
+    # optimisation (Adam, betas 0.9/0.99, warm-up + cosine)
+    batch_size: int = 32
+    lr: float = 2e-4
+    warmup: int = 1000             # linear learning-rate warm-up steps before the cosine decay
+    steps: int = 50_000
+    restart_every: int = 50        # revive codes unused for this many steps (0: never)
+    # system
+    device: str = "auto"           # auto (cuda if available), cpu, cuda, cuda:1, ...
+    amp: bool = True               # bf16 autocast (fp16 on pre-Ampere GPUs); the codebook search is always fp32
+    seed: int = 0
+    out: str = "runs/vae"          # folder for ckpt.pt, metrics.jsonl and the pictures
+    log_every: int = 10
+    eval_every: int = 200
+    ckpt_every: int = 200
+    max_minutes: float = 0.0       # wall-time budget for training (0 = none)
+
+
 PRESETS = {
     # the course checkpoint's architecture at 128x128 (our training settings; the paper's VAE also used
     # perceptual and GAN losses, which need pretrained networks this project does not download)
-    "paper": dict(resolution=128, ch=64, ch_mult=(1, 2, 4), num_res_blocks=2, n_embed=4096,
+    "paper": dict(resolution=128, model=VAEConfig(ch=64, ch_mult=(1, 2, 4), num_res_blocks=2, n_embed=4096),
                   batch_size=32, steps=50_000, lr=2e-4, warmup=1000),
     # a usable VAE on a 2-core CPU in a few minutes (~3.3 GFLOP per image per step, 1/56 of "paper"): half the
     # width (GroupNorm needs multiples of 32), narrower deep levels, one block per level, 64x64 -> 16x16 latents,
     # and a codebook small enough that a few thousand scenes keep all of it in use
-    "cpu": dict(resolution=64, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, n_embed=512,
+    "cpu": dict(resolution=64, model=VAEConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, n_embed=512),
                 batch_size=16, steps=800, lr=1e-3, warmup=100),
 }
+
+
+def validate(cfg: TrainConfig) -> None:
+    if cfg.model.ch < 1 or cfg.model.ch % 32:
+        raise InputError(f"--ch {cfg.model.ch} is not a multiple of 32 (GroupNorm uses 32 groups); use 32 or 64")
+    if cfg.resolution < 1 or cfg.resolution % cfg.model.downsample:
+        raise InputError(f"--resolution {cfg.resolution} is not divisible by {cfg.model.downsample} "
+                         f"(= 2**(len(ch_mult)-1)); use e.g. 64 or 128")
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.model.n_embed < 1:
+        raise InputError("--steps, --batch-size and --n-embed must be >= 1")
 
 
 def vae_loss(model: VQVAE, images: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
@@ -394,140 +430,93 @@ def save_reconstructions(model: VQVAE, scenes: data.Scenes, path: Path, device, 
     data.save_grid(grid, str(path), nrow=len(images), labels=["input", "recon"])
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train the VQ-VAE whose latents SlotDiffusion diffuses.")
-    p.add_argument("--data", default="synthetic-clevr", help="synthetic-clevr, synthetic-clevrtex or a dataset folder")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    p.add_argument("--out", default="runs/vae", help="folder for ckpt.pt, metrics and images")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
-    # None = take the preset's value
-    p.add_argument("--resolution", type=int)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--ch", type=int)
-    p.add_argument("--ch-mult", type=lambda s: tuple(int(m) for m in s.split(",")), help="e.g. 1,2,4")
-    p.add_argument("--num-res-blocks", type=int)
-    p.add_argument("--n-embed", type=int, help="codebook size")
-    p.add_argument("--warmup", type=int, help="linear warm-up steps before the cosine decay")
-    p.add_argument("--train-limit", type=int, help="number of training scenes (default: the whole split)")
-    p.add_argument("--val-limit", type=int, help="number of validation scenes (default: the whole split)")
-    p.add_argument("--restart-every", type=int, default=50, help="revive codes unused for this many steps (0: never)")
-    p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--save-every", type=int, default=200)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast (fp16 on pre-Ampere GPUs); the codebook search always runs in fp32")
-    args = p.parse_args(argv)
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    for name in ("steps", "batch_size", "resolution", "ch", "n_embed"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    return args
+def checkpoint_state(model: VQVAE, optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig,
+                     code_counts: torch.Tensor) -> dict:
+    return dict(kind="vae", model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, config=asdict(cfg),
+                code_counts=code_counts.cpu(), rng=trainlib.rng_state())
 
 
-def train(args: argparse.Namespace) -> dict:
-    out = Path(args.out)
-    ckpt_path = out / "ckpt.pt"
-    device = trainlib.pick_device(args.device)
-    torch.manual_seed(args.seed)
+def train(cfg: TrainConfig, resume: str | None = None) -> Path:
+    """Trains (or continues) a VQ-VAE; writes ckpt.pt, metrics.jsonl and loss_curves.png to cfg.out and returns
+    the checkpoint path. Ctrl-C checkpoints and exits 130: an interrupted VAE is never taken for a trained one."""
+    device = trainlib.pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    train_scenes = data.load_split(cfg.data, "train", cfg.resolution, limit=cfg.num_train)
+    val_scenes = data.load_split(cfg.data, "val", cfg.resolution, limit=cfg.num_val)
 
-    resume = trainlib.load_checkpoint(ckpt_path) if args.resume else None
-    if resume is not None:  # the architecture is the checkpoint's, whatever the preset says
-        cfg = VAEConfig(**{**resume["config"], "ch_mult": tuple(resume["config"]["ch_mult"])})
-        args.resolution = resume["resolution"]
-    else:
-        cfg = VAEConfig(ch=args.ch, ch_mult=tuple(args.ch_mult), num_res_blocks=args.num_res_blocks,
-                        n_embed=args.n_embed)
-    if cfg.ch % 32:
-        raise InputError(f"--ch {cfg.ch} is not a multiple of 32 (GroupNorm uses 32 groups); use 32 or 64")
-    if args.resolution % cfg.downsample:
-        raise InputError(f"--resolution {args.resolution} is not divisible by {cfg.downsample} "
-                         f"(= 2**(len(ch_mult)-1)); use e.g. 64 or 128")
-
-    train_scenes = data.load_split(args.data, "train", args.resolution, limit=args.train_limit)
-    val_scenes = data.load_split(args.data, "val", args.resolution, limit=args.val_limit)
-
-    model = VQVAE(cfg).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.99))
-    scaler = trainlib.make_grad_scaler(device, args.amp)
-    code_counts = torch.zeros(cfg.n_embed, device=device)  # code picks since the last restart
-    step = 0
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        code_counts = resume["code_counts"].to(device)
-        step = resume["step"]
-        trainlib.set_rng_state(resume["rng"])
-        print(f"resumed from {ckpt_path} at step {step}")
-    log = trainlib.MetricsLog(out / "metrics.jsonl", resume_step=step if resume is not None else None)
-    print(f"VQ-VAE {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {cfg}, "
-          f"{len(train_scenes)} train / {len(val_scenes)} val scenes at {args.resolution}px, device {device}, "
-          f"amp {args.amp}")
-
-    def save() -> None:
-        trainlib.save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                      config=asdict(cfg), resolution=args.resolution, step=step,
-                                      code_counts=code_counts.cpu(), rng=trainlib.rng_state(), args=vars(args)),
-                                 ckpt_path)
-
+    model = VQVAE(cfg.model).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+    scaler = trainlib.make_grad_scaler(device, cfg.amp)
+    code_counts = torch.zeros(cfg.model.n_embed, device=device)  # code picks since the last restart
+    start = 0
+    if resume:
+        state = trainlib.load_checkpoint(resume, map_location=device, kind="vae")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        code_counts = state["code_counts"].to(device)
+        start = state["step"]
+        trainlib.set_rng_state(state["rng"])
+        print(f"resumed from {resume} at step {start}")
+    print(f"VQ-VAE {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {cfg.model}, "
+          f"{len(train_scenes)} train / {len(val_scenes)} val scenes at {cfg.resolution}px, device {device}, "
+          f"amp {cfg.amp}")
+    loop = trainlib.TrainLoop(cfg, start, Path(cfg.out), script="vae.py", title="VQ-VAE", resumed=bool(resume),
+                              images_per_step=cfg.batch_size, epoch_size=len(train_scenes))
     model.train()
-    bar = tqdm(total=args.steps, initial=step, desc="vae", unit="step", dynamic_ncols=True)
-    with trainlib.StopOnInterrupt() as interrupt:
-        while step < args.steps and not interrupt.requested:
-            images, _ = data.get_batch(train_scenes, step, args.batch_size, args.seed, device)
-            images = images * 2 - 1
-            if step == 0:
-                reseed_codes(model, images, torch.ones(cfg.n_embed, dtype=torch.bool, device=device))
-            elif args.restart_every and step % args.restart_every == 0:
-                revived = reseed_codes(model, images, code_counts == 0)
-                log.log(step=step, codes_revived=revived)
-                code_counts.zero_()
-            lr = trainlib.lr_warmup_cosine(step, args.lr, args.warmup, args.steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with trainlib.autocast(device, args.amp):
-                loss, parts, _, indices = vae_loss(model, images)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            code_counts += torch.bincount(indices.flatten(), minlength=cfg.n_embed)
-            step += 1
-            bar.update()
-            if step % args.log_every == 0 or step == args.steps:
-                bar.set_postfix(loss=f"{loss.item():.4f}", mse=f"{parts['recon_loss']:.4f}")
-                log.log(step=step, train_loss=loss.item(), lr=lr, **parts)
-            if step % args.eval_every == 0 or step == args.steps:
-                metrics = evaluate(model, val_scenes, args.batch_size, device, args.amp)
-                log.log(step=step, **metrics)
-                bar.write(f"step {step}: val loss {metrics['val_loss']:.4f}, PSNR {metrics['psnr']:.2f} dB, "
-                          f"codebook usage {metrics['codebook_usage']:.1%} (perplexity {metrics['perplexity']:.0f})")
-            if step % args.save_every == 0:
-                save()
-    bar.close()
-    if step % args.save_every:  # otherwise the loop just saved this step
-        save()
+    for step in loop.steps():
+        images, _ = data.get_batch(train_scenes, step, cfg.batch_size, cfg.seed, device)
+        images = images * 2 - 1
+        if step == 0:
+            reseed_codes(model, images, torch.ones(cfg.model.n_embed, dtype=torch.bool, device=device))
+        elif cfg.restart_every and step % cfg.restart_every == 0:
+            reseed_codes(model, images, code_counts == 0)
+            code_counts.zero_()
+        lr = trainlib.lr_warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with trainlib.autocast(device, cfg.amp):
+            loss, _, _, indices = vae_loss(model, images)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        code_counts += torch.bincount(indices.flatten(), minlength=cfg.model.n_embed)
+        loop.end_step(step + 1, loss, lr, evaluate=lambda: evaluate(model, val_scenes, cfg.batch_size, device, cfg.amp),
+                      state=lambda: checkpoint_state(model, optimizer, step + 1, cfg, code_counts))
+    return loop.ckpt
 
-    metrics = dict(step=step, **evaluate(model, val_scenes, args.batch_size, device, args.amp))
-    (out / "val_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+def evaluate_checkpoint(ckpt: str | Path, cfg: TrainConfig | None = None) -> dict:
+    """PSNR and codebook usage on the val split; writes val_metrics.json and reconstructions.png beside ckpt."""
+    state = trainlib.load_checkpoint(ckpt, kind="vae")
+    cfg = cfg or trainlib.config_from_checkpoint(TrainConfig, state["config"], ckpt)
+    device = trainlib.pick_device(cfg.device)
+    model = load_vae(ckpt).to(device)
+    val_scenes = data.load_split(cfg.data, "val", cfg.resolution, limit=cfg.num_val)
+    result = dict(step=state["step"], **evaluate(model, val_scenes, cfg.batch_size, device, cfg.amp))
+    out = Path(ckpt).parent
+    (out / "val_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     save_reconstructions(model, val_scenes, out / "reconstructions.png", device)
-    trainlib.plot_loss_curves(log.records(), out / "loss_curves.png", title="VQ-VAE")
-    print(f"step {step}: val PSNR {metrics['psnr']:.2f} dB, codebook usage {metrics['codebook_usage']:.1%} "
-          f"(perplexity {metrics['perplexity']:.0f} of {cfg.n_embed}); wrote {ckpt_path}, "
+    print(f"step {result['step']}: val PSNR {result['psnr']:.2f} dB, codebook usage {result['codebook_usage']:.1%} "
+          f"(perplexity {result['perplexity']:.0f} of {cfg.model.n_embed}); wrote {out / 'val_metrics.json'}, "
           f"{out / 'reconstructions.png'} (inputs over reconstructions), {out / 'loss_curves.png'}")
-    return metrics
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
     torch.set_float32_matmul_precision("high")
     try:
-        train(args)
+        command, cfg, args = trainlib.parse_command_line(TrainConfig, PRESETS, list(sys.argv[1:] if argv is None
+                                                                                    else argv), __doc__, kind="vae")
+        validate(cfg)
+        if command == "eval":
+            if not args.ckpt:
+                raise InputError("eval needs --ckpt PATH (e.g. runs/vae/ckpt.pt, written by training)")
+            evaluate_checkpoint(args.ckpt, cfg)
+            return
+        ckpt = train(cfg, resume=args.resume)
+        if not args.no_eval:
+            evaluate_checkpoint(ckpt)
     except InputError as e:
         sys.exit(f"error: {e}")
 

@@ -54,8 +54,8 @@ def cuda_graph_sampler(unet: torch.nn.Module, diffusion: slotdiff.Diffusion, slo
             x_prev = step(x, t, slots, noise, coefs)
 
     def sample(steps: int, seed: int = 0) -> torch.Tensor:
-        ts, all_coefs = export.step_coefficients(diffusion, steps)
-        all_coefs = all_coefs.to(x.device)
+        ts, all_coefs = diffusion.step_coefficients(steps)
+        all_coefs = all_coefs.float().to(x.device)
         generator = torch.Generator(slots.device).manual_seed(seed)
         x.copy_(torch.randn(x.shape, generator=generator, device=x.device))
         for i in range(steps):
@@ -97,18 +97,18 @@ def print_table(seconds: dict[str, float], images: int, flops_per_call: float, u
 
 
 def bench_ddpm(args, device: torch.device, scratch: Path) -> None:
-    cfg = slotdiff.SDConfig(**slotdiff.PRESETS["cpu"])
+    cfg = trainlib.make_config(slotdiff.SDConfig, slotdiff.PRESETS["cpu"])
     torch.manual_seed(0)
     model = slotdiff.SlotDiffusion(cfg).to(device).eval()
-    latent_size = cfg.resolution // vae.VAEConfig(ch_mult=vae.PRESETS["cpu"]["ch_mult"]).downsample
+    latent_size = cfg.encoder.resolution // vae.PRESETS["cpu"]["model"].downsample
     unet, diffusion, latent_shape = model.unet, model.diffusion, (3, latent_size, latent_size)
-    slots = torch.randn(args.batch, cfg.slots, cfg.slot_dim, device=device)
+    slots = torch.randn(args.batch, cfg.encoder.slots, cfg.encoder.slot_dim, device=device)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         unet(torch.randn(args.batch, *latent_shape, device=device), torch.zeros(args.batch, dtype=torch.long,
                                                                                  device=device), slots)
     flops = counter.get_total_flops() * args.steps
     print(f"DDPM sampling, slotdiff cpu-preset UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, "
-          f"latent {latent_shape}, K={cfg.slots}), batch {args.batch}, {args.steps}-step chains extrapolated to "
+          f"latent {latent_shape}, K={cfg.encoder.slots}), batch {args.batch}, {args.steps}-step chains extrapolated to "
           f"1000 steps; {counter.get_total_flops() / args.batch / 1e9:.3f} GFLOP per image per step")
 
     start = time.perf_counter()
@@ -152,11 +152,12 @@ def bench_ddpm(args, device: torch.device, scratch: Path) -> None:
 
 
 def bench_decoder(args, device: torch.device, scratch: Path) -> None:
-    cfg = sa.SAConfig(**sa.PRESETS["cpu"])
+    cfg = trainlib.make_config(sa.SAConfig, sa.PRESETS["cpu"])
+    slots_per_scene = cfg.encoder.slots or 7   # --slots 0 = from the data: 7 on synthetic-clevr
     torch.manual_seed(0)
-    decoder = sa.SpatialBroadcastDecoder(cfg).eval()
+    decoder = sa.SpatialBroadcastDecoder(cfg.decoder, cfg.encoder.slot_dim, cfg.encoder.resolution).eval()
     batch = cfg.batch_size
-    slots = torch.randn(batch, cfg.slots, cfg.slot_dim)
+    slots = torch.randn(batch, slots_per_scene, cfg.encoder.slot_dim)
     graph = export.Graph("decoder", export.conv_transpose_as_conv(decoder), lambda b: dict(slots=slots[:b]),
                          ["image", "masks", "rgb"])   # as export.export_checkpoint writes it
     export.export_graph(graph, scratch / "decoder.onnx", "onnx")
@@ -164,10 +165,11 @@ def bench_decoder(args, device: torch.device, scratch: Path) -> None:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         decoder(slots)
     flops = counter.get_total_flops() * args.decode_iters
-    print(f"\nSpatial Broadcast Decoder, sa cpu preset ({cfg.resolution}px, K={cfg.slots}, {cfg.dec_channels} ch), "
+    print(f"\nSpatial Broadcast Decoder, sa cpu preset ({cfg.encoder.resolution}px, K={slots_per_scene}, "
+          f"{cfg.decoder.dec_channels} ch), "
           f"batch {batch} scenes, {counter.get_total_flops() / batch / 1e9:.3f} GFLOP per image")
     session = export.ort_session(scratch / "decoder.onnx", device, args.threads)
-    shape = (batch, 3, cfg.resolution, cfg.resolution)
+    shape = (batch, 3, cfg.encoder.resolution, cfg.encoder.resolution)
 
     def torch_decode(module, amp: bool):
         def run():

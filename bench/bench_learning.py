@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sa  # noqa: E402
 import trainlib  # noqa: E402
-from data import InputError, get_batch, load_split  # noqa: E402
+from data import get_batch, load_split  # noqa: E402
+from errors import InputError  # noqa: E402
 
 # Overrides on top of the preset: the options of sa.py this benchmark was used to choose between.
 VARIANTS = {
@@ -55,27 +56,21 @@ def safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
-def parse_variant(text: str, base: dict) -> tuple[str, dict]:
-    """'name' from VARIANTS, or 'name: key=value key=value' with sa.py config field names."""
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'name' from VARIANTS, or 'name: key=value key=value' with sa.py flag names -> (name, overrides)."""
     if ":" not in text:
         if text not in VARIANTS:
             raise InputError(f"unknown variant {text!r}; use one of {', '.join(VARIANTS)} or 'name: key=value ...'")
-        return text, {**base, **VARIANTS[text]}
+        return text, VARIANTS[text]
     name, _, spec = text.partition(":")
-    types = {f.name: f.type for f in fields(sa.SAConfig)}
-    overrides = {}
-    for item in spec.split():
-        key, _, value = item.partition("=")
-        key = key.replace("-", "_")
-        if key not in types:
-            raise InputError(f"variant {name!r}: {key!r} is not an sa.py config field")
-        kind = types[key].replace(" | None", "")
-        cast = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes")}.get(kind, str)
-        try:
-            overrides[key] = None if value == "None" else cast(value)
-        except ValueError:
-            raise InputError(f"variant {name!r}: {key}={value!r} is not a valid {kind}") from None
-    return name.strip(), {**base, **overrides}
+    try:
+        return name.strip(), trainlib.parse_overrides(sa.SAConfig, spec.split())
+    except InputError as e:
+        raise InputError(f"variant {name.strip()!r}: {e}") from None
+
+
+def split_key(cfg: sa.SAConfig) -> tuple:
+    return cfg.encoder.resolution, cfg.num_train, cfg.num_val
 
 
 def make_run(name: str, cfg: sa.SAConfig, device: torch.device) -> Run:
@@ -167,19 +162,20 @@ def main() -> None:
     try:
         if args.minutes <= 0 or args.eval_minutes <= 0 or args.slice <= 0 or args.val_images < 1:
             raise InputError("--minutes, --eval-minutes, --slice and --val-images must be positive")
-        _, base = parse_variant("base: " + " ".join(args.set), sa.PRESETS[args.preset])
+        common = trainlib.parse_overrides(sa.SAConfig, args.set)
         device = trainlib.pick_device(args.device)
         torch._dynamo.config.cache_size_limit = 64  # one compiled graph per variant in this process
-        configs = [(name, sa.SAConfig(**{**settings, "data": args.data, "seed": seed, "max_minutes": 0.0}))
-                   for text in args.variants for name, settings in [parse_variant(text, base)] for seed in args.seeds]
+        configs = [(name, trainlib.make_config(sa.SAConfig, sa.PRESETS[args.preset], common, overrides,
+                                               dict(data=args.data, seed=seed, max_minutes=0.0)))
+                   for text in args.variants for name, overrides in [parse_variant(text)] for seed in args.seeds]
         splits = {}
         for _, cfg in configs:  # each resolution's splits once (same data for every variant)
             sa.validate(cfg)
-            key = (cfg.resolution, cfg.num_train, cfg.num_val)
+            key = split_key(cfg)
             if key not in splits:
-                splits[key] = (load_split(args.data, "train", cfg.resolution, cfg.num_train),
-                               load_split(args.data, "val", cfg.resolution, cfg.num_val))
-        runs = [make_run(name, sa.with_slots_for(splits[(cfg.resolution, cfg.num_train, cfg.num_val)][0], cfg), device)
+                splits[key] = (load_split(args.data, "train", cfg.encoder.resolution, cfg.num_train),
+                               load_split(args.data, "val", cfg.encoder.resolution, cfg.num_val))
+        runs = [make_run(name, replace(cfg, encoder=sa.with_slots_for(splits[split_key(cfg)][0], cfg.encoder)), device)
                 for name, cfg in configs]
         out = Path(args.out or Path(__file__).parent / "results" / f"learning-{Path(args.data).name}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -192,7 +188,7 @@ def main() -> None:
             for r in runs:
                 if r.seconds >= budget or r.step >= r.cfg.steps:
                     continue
-                train_set, val_set = splits[(r.cfg.resolution, r.cfg.num_train, r.cfg.num_val)]
+                train_set, val_set = splits[split_key(r.cfg)]
                 train_for(r, args.slice, budget, train_set, device)
                 finished = r.seconds >= budget or r.step >= r.cfg.steps
                 if finished:

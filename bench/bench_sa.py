@@ -55,10 +55,13 @@ def main():
     p.add_argument("--device", default="auto")
     args = p.parse_args()
     device = trainlib.pick_device(args.device)
-    cfg = sa.SAConfig(**sa.PRESETS[args.preset])
-    images = torch.rand(cfg.batch_size, 3, cfg.resolution, cfg.resolution, device=device)
-    print(f"preset {args.preset}: {cfg.resolution}x{cfg.resolution}, batch {cfg.batch_size}, {cfg.slots} slots, "
-          f"enc {cfg.enc_channels} ch, dec {cfg.dec_channels} ch, device {device}, threads {torch.get_num_threads()}")
+    cfg = trainlib.make_config(sa.SAConfig, sa.PRESETS[args.preset])
+    cfg.encoder.slots = cfg.encoder.slots or 7   # --slots 0 = from the data: 7 on synthetic-clevr
+    resolution = cfg.encoder.resolution
+    images = torch.rand(cfg.batch_size, 3, resolution, resolution, device=device)
+    print(f"preset {args.preset}: {resolution}x{resolution}, batch {cfg.batch_size}, {cfg.encoder.slots} slots, "
+          f"enc {cfg.encoder.enc_channels} ch, dec {cfg.decoder.dec_channels} ch, device {device}, "
+          f"threads {torch.get_num_threads()}")
 
     torch.manual_seed(0)
     base = sa.SlotAutoencoder(cfg).to(device)

@@ -31,8 +31,8 @@ def test_two_variants_write_curves_picture_and_checkpoints(tmp_path):
         assert minutes and minutes == sorted(minutes) and minutes[-1] >= 0.03 - 1e-6   # ends at the budget
         assert all(-1 <= p["fg_ari"] <= 1 and p["step"] > 0 for p in variant["curve"])
         state = trainlib.load_checkpoint(tmp_path / f"curves-{name}" / "ckpt.pt")
-        assert state["step"] == variant["steps"] and state["config"]["slot_grad"] == variant["config"]["slot_grad"]
-    assert result["variants"]["implicit"]["config"]["slot_grad"] == "implicit"
+        assert state["step"] == variant["steps"] and state["config"] == variant["config"]
+    assert result["variants"]["implicit"]["config"]["encoder"]["slot_grad"] == "implicit"
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert "| cpu |" in run.stdout and "| implicit |" in run.stdout
 

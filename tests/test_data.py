@@ -9,7 +9,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import data  # noqa: E402
-from data import InputError  # noqa: E402
+from errors import InputError  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- synthetic generator

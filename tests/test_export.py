@@ -14,16 +14,8 @@ import sa
 import slotdiff
 import trainlib
 import vae
-from data import InputError
-
-
-def randomise_zero_inits(module: torch.nn.Module, seed: int = 0) -> None:
-    """Fresh UNets output exactly zero (zero-initialised last layers); random weights make the checks non-trivial."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.abs().max() == 0:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+from errors import InputError
+from helpers import randomise_zero_inits
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +24,19 @@ def ckpts(tmp_path_factory):
     slotdiff.checkpoint_state without the optimiser state, which export never reads)."""
     folder = tmp_path_factory.mktemp("ckpts")
     torch.manual_seed(0)
-    sa_cfg = sa.SAConfig(resolution=16, broadcast_size=8, slots=3, slot_dim=8, slot_mlp_hidden=16, enc_channels=8,
-                         dec_channels=8)
-    trainlib.save_checkpoint(dict(model=sa.SlotAutoencoder(sa_cfg).state_dict(), step=1, config=asdict(sa_cfg)),
-                             folder / "sa.pt")
-    vae_cfg = vae.VAEConfig(ch=32, ch_mult=(1,), num_res_blocks=1, n_embed=16)
-    trainlib.save_checkpoint(dict(model=vae.VQVAE(vae_cfg).state_dict(), config=asdict(vae_cfg), step=1),
-                             folder / "vae.pt")
-    sd_cfg = slotdiff.SDConfig(resolution=8, slots=3, slot_dim=8, slot_mlp_hidden=16, enc_channels=8,
-                               vae=str(folder / "vae.pt"), base_channels=16, channel_mult=(1,), num_res_blocks=1,
-                               head_dim=8, dropout=0.0)
-    model = slotdiff.SlotDiffusion(sd_cfg, vae_cfg.embed_dim)
+    encoder = dict(slots=3, slot_dim=8, slot_mlp_hidden=16, enc_channels=8)
+    sa_cfg = trainlib.make_config(sa.SAConfig, encoder, dict(resolution=16, broadcast_size=8, dec_channels=8))
+    trainlib.save_checkpoint(dict(kind="sa", model=sa.SlotAutoencoder(sa_cfg).state_dict(), step=1,
+                                  config=asdict(sa_cfg)), folder / "sa.pt")
+    vae_cfg = trainlib.make_config(vae.TrainConfig, dict(ch=32, ch_mult=(1,), num_res_blocks=1, n_embed=16))
+    trainlib.save_checkpoint(dict(kind="vae", model=vae.VQVAE(vae_cfg.model).state_dict(), config=asdict(vae_cfg),
+                                  step=1), folder / "vae.pt")
+    sd_cfg = trainlib.make_config(slotdiff.SDConfig, encoder, dict(
+        resolution=8, vae=str(folder / "vae.pt"), base_channels=16, channel_mult=(1,), num_res_blocks=1, head_dim=8,
+        dropout=0.0))
+    model = slotdiff.SlotDiffusion(sd_cfg, vae_cfg.model.embed_dim)
     randomise_zero_inits(model)
-    trainlib.save_checkpoint(dict(model=model.state_dict(), step=1, config=asdict(sd_cfg),
+    trainlib.save_checkpoint(dict(kind="slotdiff", model=model.state_dict(), step=1, config=asdict(sd_cfg),
                                   vae_hash=slotdiff.file_hash(folder / "vae.pt")), folder / "sd.pt")
     return folder
 
@@ -55,7 +47,8 @@ def sd_onnx(ckpts):
 
 
 def loaded_slotdiff(ckpts):
-    return export.load_slotdiff(trainlib.load_checkpoint(ckpts / "sd.pt"), ckpts / "sd.pt")
+    cfg, model, vqvae, _ = slotdiff.load(ckpts / "sd.pt")
+    return cfg, model, vqvae
 
 
 def session(path):
@@ -70,7 +63,7 @@ def test_sa_decoder_exports_and_matches_pytorch(ckpts, fmt):
     results = export.export_checkpoint(ckpts / "sa.pt", fmt)
     path, diff = results["decoder"]
     assert set(results) == {"decoder"} and path == ckpts / f"sa_decoder{export.FORMATS[fmt]}" and diff <= 1e-5
-    _, model = export.load_sa(trainlib.load_checkpoint(ckpts / "sa.pt"), "sa.pt")
+    _, model, _ = sa.load(ckpts / "sa.pt")
     slots = torch.randn(5, 3, 8)
     with torch.no_grad():
         expected = model.decoder(slots)
@@ -107,13 +100,14 @@ def test_ddpm_step_graph_is_algorithm_2_of_ho_et_al(ckpts, sd_onnx):
     """x_{t-1} = (x_t - beta_t / sqrt(1 - a_bar_t) eps) / sqrt(alpha_t) + sigma_t z, computed here in float64 from
     the betas of the linear schedule, with sigma_t^2 = (1 - a_bar_{t-1}) / (1 - a_bar_t) beta_t."""
     cfg, model, _ = loaded_slotdiff(ckpts)
-    betas = np.linspace(cfg.beta_start, cfg.beta_end, cfg.timesteps)
+    schedule = cfg.diffusion
+    betas = np.linspace(schedule.beta_start, schedule.beta_end, schedule.timesteps)
     a_bars = np.cumprod(1 - betas)
-    ts, coefs = export.step_coefficients(model.diffusion, cfg.timesteps)
+    ts, coefs = model.diffusion.step_coefficients()
     step = session(sd_onnx["ddpm_step"][0])
-    for i in (0, 500, cfg.timesteps - 1):   # the first step run (t = T-1), one in the middle, the last (t = 0)
+    for i in (0, 500, schedule.timesteps - 1):   # the first step run (t = T-1), one in the middle, the last (t = 0)
         t = int(ts[i])
-        assert t == cfg.timesteps - 1 - i
+        assert t == schedule.timesteps - 1 - i
         x, z, slots = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8)
         with torch.no_grad():
             eps = model.unet(x, torch.full((2,), t), slots).double().numpy()
@@ -122,7 +116,7 @@ def test_ddpm_step_graph_is_algorithm_2_of_ho_et_al(ckpts, sd_onnx):
         expected = ((x.double().numpy() - beta / math.sqrt(1 - a_bar) * eps) / math.sqrt(1 - beta)
                     + sigma * z.double().numpy())
         (got,) = step.run(None, dict(x=x.numpy(), t=np.full(2, t), slots=slots.numpy(), noise=z.numpy(),
-                                     coefs=coefs[i].numpy()))
+                                     coefs=coefs[i].float().numpy()))
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
     assert coefs[-1, 2] == 0  # the last step adds no noise
 
@@ -167,7 +161,7 @@ def test_fp16_export_keeps_float32_interface_and_stays_close(ckpts):
 def test_missing_or_foreign_checkpoint_is_a_clear_input_error(ckpts, tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         export.export_checkpoint(tmp_path / "nope.pt")
-    with pytest.raises(InputError, match="neither a sa.py nor a slotdiff.py checkpoint"):
+    with pytest.raises(InputError, match="is a vae.py checkpoint; export takes the ckpt.pt that sa.py or slotdiff.py"):
         export.export_checkpoint(ckpts / "vae.pt")   # a real checkpoint, but of the VQ-VAE
     (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="unreadable"):
@@ -178,7 +172,7 @@ def test_missing_or_foreign_checkpoint_is_a_clear_input_error(ckpts, tmp_path):
 
 def test_weights_that_do_not_fit_the_config_are_an_input_error(ckpts, tmp_path):
     state = trainlib.load_checkpoint(ckpts / "sa.pt")
-    state["config"]["dec_channels"] = 16
+    state["config"]["decoder"]["dec_channels"] = 16
     trainlib.save_checkpoint(state, tmp_path / "edited.pt")
     with pytest.raises(InputError, match="do not match the config"):
         export.export_checkpoint(tmp_path / "edited.pt")
@@ -190,7 +184,7 @@ def test_cli_reports_errors_without_traceback(ckpts, tmp_path, capsys):
     assert str(exit_info.value.code).startswith("error: checkpoint") and "does not exist" in str(exit_info.value.code)
     with pytest.raises(SystemExit) as exit_info:
         export.main(["fid-sa", "--ckpt", str(ckpts / "sd.pt")])
-    assert "not a sa.py checkpoint" in str(exit_info.value.code)
+    assert "is a slotdiff.py checkpoint, not a sa.py one" in str(exit_info.value.code)
 
 
 def test_conv_transpose_rewrite_is_the_same_function():

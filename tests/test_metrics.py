@@ -10,7 +10,7 @@ from PIL import Image
 from sklearn.metrics import adjusted_rand_score
 
 import metrics
-from data import InputError
+from errors import InputError
 
 
 def sklearn_ari(true_masks: torch.Tensor, pred_masks: torch.Tensor, foreground_only: bool = False) -> np.ndarray:

@@ -15,7 +15,7 @@ TINY = dict(resolution=32, slots=4, slot_dim=16, slot_mlp_hidden=32, enc_channel
 
 
 def tiny_cfg(**kw) -> sa.SAConfig:
-    return sa.SAConfig(**{**TINY, **kw})
+    return trainlib.make_config(sa.SAConfig, TINY, kw)
 
 
 def test_shapes_through_every_stage():
@@ -132,9 +132,9 @@ def test_xavier_init_matches_keras_defaults():
 def test_slots_zero_means_most_objects_plus_one(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     scenes = sa.load_split("synthetic-clevr", "train", 32, 16)
-    cfg = sa.with_slots_for(scenes, tiny_cfg(slots=0))
+    cfg = sa.with_slots_for(scenes, tiny_cfg(slots=0).encoder)
     assert cfg.slots == int(np.asarray(scenes.masks).max()) + 1
-    assert sa.with_slots_for(scenes, tiny_cfg(slots=5)).slots == 5
+    assert sa.with_slots_for(scenes, tiny_cfg(slots=5).encoder).slots == 5
 
 
 def test_gaussian_init_samples_around_mu():
@@ -155,11 +155,6 @@ def test_one_step_lowers_loss_on_fixed_batch():
     with torch.no_grad():
         after = model(images)["loss"]
     assert after < before
-
-
-def run_train(tmp_path, name, **kw):
-    cfg = tiny_cfg(out=str(tmp_path / name), **kw)
-    return cfg, sa.train(cfg, resume=kw.get("resume_from"))
 
 
 def train_losses(run_dir):

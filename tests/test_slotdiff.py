@@ -12,7 +12,8 @@ import data
 import slotdiff
 import trainlib
 import vae
-from slotdiff import Diffusion, ResBlock, SDConfig, SlotDiffusion, SlotTransformer, UNet
+from helpers import randomise_zero_inits as randomise
+from slotdiff import Diffusion, DiffusionConfig, ResBlock, SDConfig, SlotDiffusion, SlotTransformer, UNet, UNetConfig
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -25,20 +26,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_config(**overrides) -> SDConfig:
-    cfg = dict(slot_dim=12, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, head_dim=8,
-               dropout=0.0)
-    return SDConfig(**{**cfg, **overrides})
+SLOT_DIM = 12
+TINY_UNET = UNetConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, head_dim=8, dropout=0.0)
 
 
-def randomise_zero_inits(module: torch.nn.Module, seed: int = 0) -> None:
-    """Fresh models output exactly zero (zero-initialised last layers); give them random weights instead so
-    tests exercise a non-trivial network."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.abs().max() == 0:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+def tiny_unet() -> UNet:
+    return UNet(TINY_UNET, SLOT_DIM)
+
+
+def randomise_zero_inits(module: torch.nn.Module) -> None:
+    randomise(module, scale=0.05)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -46,8 +43,7 @@ def randomise_zero_inits(module: torch.nn.Module, seed: int = 0) -> None:
 
 @pytest.mark.parametrize("schedule", ["linear", "scaled_linear"])
 def test_beta_schedule_endpoints_monotone_and_cumprod(schedule):
-    cfg = SDConfig(beta_schedule=schedule)
-    diffusion = Diffusion(cfg)
+    diffusion = Diffusion(DiffusionConfig(beta_schedule=schedule))
     betas = diffusion.betas.double().numpy()
     assert len(betas) == 1000
     assert betas[0] == pytest.approx(0.0015, rel=1e-6)
@@ -64,13 +60,13 @@ def test_beta_schedule_endpoints_monotone_and_cumprod(schedule):
 
 
 def test_unknown_schedule_is_an_input_error():
-    from data import InputError
+    from errors import InputError
     with pytest.raises(InputError, match="beta-schedule"):
-        Diffusion(SDConfig(beta_schedule="cosine"))
+        Diffusion(DiffusionConfig(beta_schedule="cosine"))
 
 
 def test_q_sample_matches_closed_form():
-    diffusion = Diffusion(SDConfig())
+    diffusion = Diffusion(DiffusionConfig())
     x0, noise = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
     t = torch.tensor([0, 10, 500, 999])
     a_bar = np.exp(np.cumsum(np.log1p(-np.linspace(0.0015, 0.0195, 1000))))[t.numpy()]
@@ -79,21 +75,25 @@ def test_q_sample_matches_closed_form():
     np.testing.assert_allclose(diffusion.q_sample(x0, t, noise).numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_ddpm_step_with_true_noise_gives_posterior_mean():
+def test_step_coefficients_with_true_noise_give_posterior_mean():
     """If eps is the noise that made x_t from x0, Algorithm 2's mean equals the closed-form posterior mean
-    mu~(x_t, x0) = sqrt(a_bar_prev) beta / (1 - a_bar) x0 + sqrt(alpha) (1 - a_bar_prev) / (1 - a_bar) x_t."""
-    a_bar_prev, a_bar = 0.7, 0.68
-    alpha, beta = a_bar / a_bar_prev, 1 - a_bar / a_bar_prev
-    x0, eps = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64)
-    x_t = math.sqrt(a_bar) * x0 + math.sqrt(1 - a_bar) * eps
-    mean = slotdiff.ddpm_step(x_t, eps, a_bar, a_bar_prev, torch.zeros_like(x_t))
-    expected = (math.sqrt(a_bar_prev) * beta / (1 - a_bar) * x0
-                + math.sqrt(alpha) * (1 - a_bar_prev) / (1 - a_bar) * x_t)
-    torch.testing.assert_close(mean, expected)
-    # the noise is scaled by the posterior std sqrt(beta-tilde)
-    z = torch.ones_like(x_t)
-    std = slotdiff.ddpm_step(x_t, eps, a_bar, a_bar_prev, z) - mean
-    torch.testing.assert_close(std, torch.full_like(x_t, math.sqrt((1 - a_bar_prev) / (1 - a_bar) * beta)))
+    mu~(x_t, x0) = sqrt(a_bar_prev) beta / (1 - a_bar) x0 + sqrt(alpha) (1 - a_bar_prev) / (1 - a_bar) x_t,
+    and the noise is scaled by the posterior std sqrt(beta-tilde); checked at three steps of the real chain."""
+    diffusion = Diffusion(DiffusionConfig())
+    ts, coefs = diffusion.step_coefficients()
+    a_bars = diffusion.alphas_cumprod64
+    for i in (0, 400, 998):
+        t = int(ts[i])
+        a_bar, a_bar_prev = float(a_bars[t]), float(a_bars[t - 1])
+        alpha, beta = a_bar / a_bar_prev, 1 - a_bar / a_bar_prev
+        x0, eps = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+        x_t = math.sqrt(a_bar) * x0 + math.sqrt(1 - a_bar) * eps
+        c_x, c_eps, sigma = coefs[i].tolist()
+        expected = (math.sqrt(a_bar_prev) * beta / (1 - a_bar) * x0
+                    + math.sqrt(alpha) * (1 - a_bar_prev) / (1 - a_bar) * x_t)
+        torch.testing.assert_close(c_x * x_t - c_eps * eps, expected)
+        assert sigma == pytest.approx(math.sqrt((1 - a_bar_prev) / (1 - a_bar) * beta), rel=1e-12)
+    assert ts[-1] == 0 and coefs[-1, 2] == 0  # the last step, t = 0, adds no noise
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -102,21 +102,19 @@ def test_ddpm_step_with_true_noise_gives_posterior_mean():
 @pytest.mark.parametrize("num_slots", [1, 3, 11])
 @pytest.mark.parametrize("latent_size", [8, 16])
 def test_unet_output_shape_matches_input(num_slots, latent_size):
-    cfg = tiny_config()
-    unet = UNet(cfg)
+    unet = tiny_unet()
     x = torch.randn(2, 3, latent_size, latent_size)
-    out = unet(x, torch.tensor([0, 999]), torch.randn(2, num_slots, cfg.slot_dim))
+    out = unet(x, torch.tensor([0, 999]), torch.randn(2, num_slots, SLOT_DIM))
     assert out.shape == x.shape
 
 
 def test_unet_output_depends_on_slots_and_timestep():
-    cfg = tiny_config()
-    unet = UNet(cfg).eval()
+    unet = tiny_unet().eval()
     randomise_zero_inits(unet)
-    x, slots = torch.randn(1, 3, 8, 8), torch.randn(1, 3, cfg.slot_dim)
+    x, slots = torch.randn(1, 3, 8, 8), torch.randn(1, 3, SLOT_DIM)
     out = unet(x, torch.tensor([5]), slots)
     assert not torch.allclose(out, unet(x, torch.tensor([600]), slots))
-    assert not torch.allclose(out, unet(x, torch.tensor([5]), torch.randn(1, 3, cfg.slot_dim)))
+    assert not torch.allclose(out, unet(x, torch.tensor([5]), torch.randn(1, 3, SLOT_DIM)))
     # slots are a set: permuting them must not change the prediction (cross-attention is permutation invariant)
     torch.testing.assert_close(out, unet(x, torch.tensor([5]), slots[:, [2, 0, 1]]))
 
@@ -151,10 +149,9 @@ def test_group_norm_rule_keeps_at_least_four_channels_per_group():
 # sampler and training
 
 def test_sampler_is_finite_shaped_and_deterministic_for_a_seed():
-    cfg = tiny_config()
-    unet, diffusion = UNet(cfg).eval(), Diffusion(cfg)
+    unet, diffusion = tiny_unet().eval(), Diffusion(DiffusionConfig())
     randomise_zero_inits(unet)
-    slots = torch.randn(3, 4, cfg.slot_dim)
+    slots = torch.randn(3, 4, SLOT_DIM)
     a = diffusion.sample(unet, slots, (3, 8, 8), seed=1, steps=5, progress=False)
     b = diffusion.sample(unet, slots, (3, 8, 8), seed=1, steps=5, progress=False)
     c = diffusion.sample(unet, slots, (3, 8, 8), seed=2, steps=5, progress=False)
@@ -166,7 +163,7 @@ def test_sampler_is_finite_shaped_and_deterministic_for_a_seed():
 def test_sampler_with_an_oracle_denoiser_recovers_x0():
     """A model that knows x0 predicts eps = (x_t - sqrt(a_bar) x0) / sqrt(1 - a_bar); ancestral sampling with it
     must land on x0 whatever the subset of timesteps (the last step adds no noise)."""
-    diffusion = Diffusion(SDConfig())
+    diffusion = Diffusion(DiffusionConfig())
     x0 = torch.randn(2, 3, 4, 4)
 
     def oracle(x, t, slots):
@@ -179,10 +176,9 @@ def test_sampler_with_an_oracle_denoiser_recovers_x0():
 
 def test_one_optimisation_step_lowers_the_loss():
     torch.manual_seed(0)
-    cfg = tiny_config()
-    unet, diffusion = UNet(cfg), Diffusion(cfg)
+    unet, diffusion = tiny_unet(), Diffusion(DiffusionConfig())
     randomise_zero_inits(unet)
-    x0, slots = torch.randn(4, 3, 8, 8), torch.randn(4, 3, cfg.slot_dim)
+    x0, slots = torch.randn(4, 3, 8, 8), torch.randn(4, 3, SLOT_DIM)
     t, noise = torch.tensor([10, 200, 500, 900]), torch.randn(4, 3, 8, 8)
     opt = torch.optim.Adam(unet.parameters(), lr=1e-3)
     before = diffusion.loss(unet, x0, slots, t, noise)
@@ -197,9 +193,8 @@ def test_one_optimisation_step_lowers_the_loss():
 # joint model, data plumbing, command line
 
 def tiny_joint_config(**overrides) -> SDConfig:
-    cfg = dict(resolution=16, slots=3, slot_dim=12, slot_mlp_hidden=16, enc_channels=8, base_channels=16,
-               channel_mult=(1, 2), num_res_blocks=1, head_dim=8, dropout=0.0)
-    return SDConfig(**{**cfg, **overrides})
+    cfg = dict(resolution=16, slots=3, slot_dim=SLOT_DIM, slot_mlp_hidden=16, enc_channels=8, unet=TINY_UNET)
+    return trainlib.make_config(SDConfig, cfg, overrides)
 
 
 def test_batch_indices_match_data_get_batch():
@@ -256,8 +251,8 @@ def test_joint_training_step_lowers_the_loss_and_trains_the_encoder():
 
 def test_bad_settings_exit_with_one_line_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        slotdiff.main(["--slots", "0"])
-    assert "error: --slots 0" in str(exit_info.value)
+        slotdiff.main(["--slots", "-1"])
+    assert "error: --slots -1" in str(exit_info.value)
     with pytest.raises(SystemExit) as exit_info:
         slotdiff.main(["--base-channels", "24", "--head-dim", "32"])
     assert "--head-dim" in str(exit_info.value)
@@ -265,9 +260,9 @@ def test_bad_settings_exit_with_one_line_error(capsys):
 
 @pytest.fixture
 def tiny_vae(tmp_path) -> str:
-    cfg = vae.VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, n_embed=16)
+    cfg = trainlib.make_config(vae.TrainConfig, dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, n_embed=16))
     path = tmp_path / "tiny_vae.pt"
-    torch.save(dict(model=vae.VQVAE(cfg).state_dict(), config=asdict(cfg)), path)
+    torch.save(dict(kind="vae", model=vae.VQVAE(cfg.model).state_dict(), config=asdict(cfg)), path)
     return str(path)
 
 
@@ -322,20 +317,22 @@ def test_without_vae_flag_a_vae_is_trained_once_then_reused(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     trainings = []
 
-    def fake_train(args):
-        trainings.append(args)
-        cfg = vae.VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, n_embed=16)
-        state = dict(model=vae.VQVAE(cfg).state_dict(), config=asdict(cfg), step=len(trainings), args=dict(steps=2))
-        (Path(args.out) / "ckpt.pt").parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, Path(args.out) / "ckpt.pt")
+    def fake_train(cfg, resume=None):
+        trainings.append((cfg, resume))
+        cfg = trainlib.with_overrides(cfg, dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, n_embed=16, steps=2))
+        state = dict(kind="vae", model=vae.VQVAE(cfg.model).state_dict(), config=asdict(cfg), step=len(trainings))
+        (Path(cfg.out) / "ckpt.pt").parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, Path(cfg.out) / "ckpt.pt")
 
     monkeypatch.setattr(vae, "train", fake_train)
-    cfg = SDConfig(resolution=32, num_train=8, device="cpu")
+    cfg = trainlib.make_config(SDConfig, dict(resolution=32, num_train=8, device="cpu"))
     path = slotdiff.ensure_vae(cfg)  # trains, but stops half-way (step 1 of 2)
-    assert trainings[0].resolution == 32 and trainings[0].preset == "cpu" and not trainings[0].resume
+    first, resume = trainings[0]
+    assert first.resolution == 32 and first.model == vae.PRESETS["cpu"]["model"] and resume is None
+    assert Path(path).is_absolute()
     assert slotdiff.ensure_vae(cfg) == path  # unfinished: resumed
-    assert len(trainings) == 2 and trainings[1].resume
+    assert len(trainings) == 2 and trainings[1][1] is not None
     assert slotdiff.ensure_vae(cfg) == path  # finished: reused, no third training
     assert len(trainings) == 2
     assert vae.load_vae(path).cfg.n_embed == 16
-    assert slotdiff.ensure_vae(replace(cfg, vae="given.pt")) == "given.pt"
+    assert slotdiff.ensure_vae(replace(cfg, vae="given.pt")) == str(Path("given.pt").resolve())

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import trainlib
-from data import InputError
+from errors import InputError
 
 
 def test_warmup_cosine_endpoints_and_monotone_decay():
@@ -112,7 +112,8 @@ def test_checkpoint_with_code_is_refused_without_running_it(tmp_path):
     ["sa.py", "--resume", "{evil}"],
     ["slotdiff.py", "--vae", "{evil}", "--steps", "1"],
     ["slotdiff.py", "eval", "--ckpt", "{evil}"],
-    ["vae.py", "--resume", "--out", "{folder}"],
+    ["vae.py", "--resume", "{evil}"],
+    ["slotdiff.py", "--resume", "{evil}"],
     ["export.py", "--ckpt", "{evil}"],
 ])
 def test_every_script_refuses_a_code_carrying_checkpoint(argv, tmp_path):

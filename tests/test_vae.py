@@ -11,31 +11,45 @@ import torch
 import data
 import trainlib
 import vae
-from data import InputError
+from errors import InputError
 
 TINY = vae.VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, n_embed=16)
 
 
-def fixtures_dir() -> Path:
-    shared = Path(os.environ.get("SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
-    folder = shared / "fixtures"
-    if not (folder / "vae_io_reference.pt").is_file():
-        pytest.skip(f"VAE fixtures not found in {folder} (set SHARED_DIR to the folder holding fixtures/)")
-    return folder
+FIXTURES = Path(__file__).parent / "fixtures"   # copied from the team's shared/fixtures (see below)
+SHARED = Path(os.environ.get("SHARED_DIR", Path(__file__).resolve().parents[2] / "shared")) / "fixtures"
+
+
+def random_course_checkpoint() -> dict:
+    """The weights of shared/fixtures/vae_checkpoint_random.pth (55 MB, not shipped): the default architecture
+    initialised after torch.manual_seed(0), then a N(0, 0.5^2) codebook from the same stream. The reference
+    outputs in vae_io_reference.pt were computed from that file by the reference implementation."""
+    torch.manual_seed(0)
+    state = vae.VQVAE(vae.VAEConfig()).state_dict()
+    state["quantize.embedding.weight"] = torch.randn(state["quantize.embedding.weight"].shape) * 0.5
+    return state
 
 
 def test_state_dict_keys_and_shapes_equal_course_checkpoint():
-    lines = (fixtures_dir() / "vae_checkpoint_keys.tsv").read_text().splitlines()[1:]
+    lines = (FIXTURES / "vae_checkpoint_keys.tsv").read_text().splitlines()[1:]
     expected = [(key, json.loads(shape)) for key, shape in (line.split("\t") for line in lines if line)]
     ours = [(key, list(t.shape)) for key, t in vae.VQVAE(vae.VAEConfig()).state_dict().items()]
     assert len(expected) == 205
     assert ours == expected
 
 
-def test_random_checkpoint_reproduces_reference_outputs():
-    folder = fixtures_dir()
-    ref = torch.load(folder / "vae_io_reference.pt")
-    model = vae.load_vae(folder / "vae_checkpoint_random.pth")
+def test_regenerated_random_checkpoint_is_the_shared_one():
+    if not (SHARED / "vae_checkpoint_random.pth").is_file():
+        pytest.skip(f"{SHARED} is not here (set SHARED_DIR); the next test uses the regenerated weights anyway")
+    shared = torch.load(SHARED / "vae_checkpoint_random.pth", weights_only=True)
+    ours = random_course_checkpoint()
+    assert list(shared) == list(ours) and all(torch.equal(shared[k], ours[k]) for k in ours)
+
+
+def test_random_checkpoint_reproduces_reference_outputs(tmp_path):
+    ref = torch.load(FIXTURES / "vae_io_reference.pt", weights_only=True)
+    torch.save(random_course_checkpoint(), tmp_path / "vae_checkpoint_random.pth")   # a raw state dict, as the course's
+    model = vae.load_vae(tmp_path / "vae_checkpoint_random.pth")
     with torch.no_grad():
         latents = model.encode(ref["images"])
         decoded = model.decode(ref["latents"])
@@ -59,8 +73,8 @@ def test_wrong_shapes_and_foreign_config_are_input_errors(tmp_path):
     torch.save(vae.VQVAE(vae.VAEConfig(ch=32)).state_dict(), tmp_path / "raw_tiny.pth")  # raw: default config
     with pytest.raises(InputError, match="wrong shape"):
         vae.load_vae(tmp_path / "raw_tiny.pth")
-    torch.save({"model": {}, "config": {"slots": 7}}, tmp_path / "sa.pt")
-    with pytest.raises(InputError, match="another model.*slots"):
+    torch.save({"kind": "sa", "model": {}, "config": {"slots": 7}}, tmp_path / "sa.pt")
+    with pytest.raises(InputError, match="is a sa.py checkpoint, not a vae.py one"):
         vae.load_vae(tmp_path / "sa.pt")
 
 
@@ -71,7 +85,8 @@ def test_missing_checkpoint_names_path_and_how_to_train(tmp_path):
 
 def test_own_checkpoint_round_trips_with_its_config(tmp_path):
     model = vae.VQVAE(TINY).eval()
-    torch.save({"model": model.state_dict(), "config": vae.asdict(TINY), "step": 3}, tmp_path / "ckpt.pt")
+    config = vae.asdict(trainlib.make_config(vae.TrainConfig, dict(model=TINY)))
+    torch.save({"kind": "vae", "model": model.state_dict(), "config": config, "step": 3}, tmp_path / "ckpt.pt")
     loaded = vae.load_vae(tmp_path / "ckpt.pt")
     assert loaded.cfg == TINY
     x = torch.rand(2, 3, 16, 16) * 2 - 1
@@ -166,8 +181,8 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch():
 
 
 CLI_TINY = ["--resolution", "16", "--ch-mult", "1,2", "--num-res-blocks", "1", "--n-embed", "16", "--batch-size", "4",
-            "--train-limit", "16", "--val-limit", "4", "--steps", "6", "--warmup", "2", "--restart-every", "2",
-            "--eval-every", "3", "--save-every", "3", "--log-every", "2", "--no-amp", "--device", "cpu"]
+            "--num-train", "16", "--num-val", "4", "--steps", "6", "--warmup", "2", "--restart-every", "2",
+            "--eval-every", "3", "--ckpt-every", "3", "--log-every", "2", "--amp", "no", "--device", "cpu"]
 
 
 def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
@@ -181,10 +196,12 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
         return real_get_batch(scenes, step, *args, **kwargs)
 
     monkeypatch.setattr(data, "get_batch", ctrl_c_at_step_3)
-    vae.main(CLI_TINY + ["--out", str(tmp_path / "resumed")])
+    with pytest.raises(SystemExit) as stopped:   # interrupted is not finished: exit 130, no final evaluation
+        vae.main(CLI_TINY + ["--out", str(tmp_path / "resumed")])
+    assert stopped.value.code == 130 and not (tmp_path / "resumed" / "val_metrics.json").exists()
     assert trainlib.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")["step"] == 4
     monkeypatch.setattr(data, "get_batch", real_get_batch)
-    vae.main(CLI_TINY + ["--out", str(tmp_path / "resumed"), "--resume"])
+    vae.main(["--resume", str(tmp_path / "resumed" / "ckpt.pt")])
 
     straight = trainlib.load_checkpoint(tmp_path / "straight" / "ckpt.pt")["model"]
     resumed = trainlib.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")["model"]
@@ -201,4 +218,4 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit, match="error: --ch 48 is not a multiple of 32"):
         vae.main(CLI_TINY + ["--out", str(tmp_path), "--ch", "48"])
     with pytest.raises(SystemExit, match=r"error: checkpoint .*ckpt\.pt does not exist"):
-        vae.main(CLI_TINY + ["--out", str(tmp_path), "--resume"])
+        vae.main(CLI_TINY + ["--resume", str(tmp_path / "ckpt.pt")])
