@@ -405,10 +405,18 @@ def _run_chunk(chunk: tuple) -> tuple[np.ndarray, np.ndarray]:
 
 def _atomic_save(folder: Path, **arrays: np.ndarray) -> None:
     """Write arrays into a temp folder next to `folder`, then rename: readers never see half a cache."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
-    for name, array in arrays.items():
-        np.save(tmp / f"{name}.npy", array)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    except OSError as e:
+        raise InputError(f"cannot write the data cache in {folder.parent} ({e.strerror}); make it writable") from None
+    try:
+        for name, array in arrays.items():
+            np.save(tmp / f"{name}.npy", array)
+    except OSError as e:  # a full disk: leave no half-written cache behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise InputError(f"could not write the data cache {folder} ({e.strerror}); free disk space and run "
+                         f"again") from None
     try:
         os.rename(tmp, folder)
     except OSError:  # another process finished the same cache first; theirs is identical
@@ -596,6 +604,20 @@ def _load_folder(root: Path, split: str, resolution: int, limit: int | None, cac
     return _load_cached(folder, name)
 
 
+def check_source(data: str) -> None:
+    """Fail fast, before any output is written, on a --data that is neither a generator name nor a dataset folder
+    of a known layout with a train split."""
+    if data not in SYNTHETIC:
+        _check_not_a_misspelt_generator(data)
+        _find_pairs(Path(data), "train")
+
+
+def _check_not_a_misspelt_generator(data: str) -> None:
+    if data.startswith("synthetic") and not Path(data).exists():
+        raise InputError(f"--data {data}: the embedded generator is {' or '.join(SYNTHETIC)} (plain CLEVR-like "
+                         f"or textured CLEVRTex-like scenes)")
+
+
 def load_split(data: str, split: str, resolution: int, limit: int | None = None, cache_dir: str = ".cache") -> Scenes:
     """data = a name in SYNTHETIC (the embedded generator) or a dataset folder (layout auto-detected);
     split in train/val/test."""
@@ -611,9 +633,7 @@ def load_split(data: str, split: str, resolution: int, limit: int | None = None,
         scenes = synthetic_scenes(n, resolution, seed, cache_dir, **SYNTHETIC[data])
         scenes.name = f"{data}-{resolution}-{split}"
         return scenes
-    if data.startswith("synthetic") and not Path(data).exists():
-        raise InputError(f"--data {data}: the embedded generator is {' or '.join(SYNTHETIC)} (plain CLEVR-like "
-                         f"or textured CLEVRTex-like scenes)")
+    _check_not_a_misspelt_generator(data)
     return _load_folder(Path(data), split, resolution, limit, cache_dir)
 
 

@@ -298,7 +298,8 @@ def _image_folder(images: str | np.ndarray, scratch: str, name: str) -> str:
     return folder
 
 
-def fid_stats(images: str | np.ndarray, device: str | None = None, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def fid_stats(images: str | np.ndarray, device: str | None = None, batch_size: int = 32,
+              name: str = "images") -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance of the clean-fid Inception features of an image set (a folder or a (N, H, W, 3) uint8
     array): compute them once for the reference set when it is compared with several generated sets."""
     from cleanfid import fid as cleanfid  # imported here: it is slow to import and only needed for FID
@@ -307,7 +308,7 @@ def fid_stats(images: str | np.ndarray, device: str | None = None, batch_size: i
     with tempfile.TemporaryDirectory() as scratch:
         features = cleanfid.get_folder_features(_image_folder(images, scratch, "images"), _inception(device),
                                                 num_workers=0, batch_size=batch_size, device=device, mode="clean",
-                                                verbose=False)
+                                                description=f"Inception features ({name}) ", verbose=True)
     return np.mean(features, axis=0), np.cov(features, rowvar=False)
 
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import metrics
 import trainlib
-from data import Scenes, colorize_masks, get_batch, iterate_batches, load_split, save_grid, to_uint8
+from data import Scenes, check_source, colorize_masks, get_batch, iterate_batches, load_split, save_grid, to_uint8
 from errors import InputError
 
 
@@ -103,35 +103,45 @@ PRESETS = {
 
 def validate_encoder(cfg: EncoderConfig) -> None:
     """Catch impossible encoder settings here, with the fix, instead of as a shape error deep inside torch."""
-    if cfg.slots < 0:
-        raise InputError(f"--slots {cfg.slots}: need at least 1 slot, or 0 for the most objects in a training "
-                         f"scene + 1 (the paper uses 7 for CLEVR6, 11 for CLEVR10)")
-    if cfg.iters < 1:
-        raise InputError(f"--iters {cfg.iters}: Slot Attention needs at least 1 iteration (paper: 3)")
-    if cfg.slot_init not in ("gaussian", "learned"):
-        raise InputError(f"--slot-init {cfg.slot_init!r}: choose 'gaussian' or 'learned'")
-    if cfg.slot_grad not in SLOT_GRADS:
-        raise InputError(f"--slot-grad {cfg.slot_grad!r}: choose one of {', '.join(SLOT_GRADS)}")
-    if cfg.weight_init not in ("torch", "xavier"):
-        raise InputError(f"--weight-init {cfg.weight_init!r}: choose 'torch' or 'xavier'")
-    if cfg.enc_stride not in (1, 2) or cfg.resolution % cfg.enc_stride:
-        raise InputError(f"--enc-stride {cfg.enc_stride}: choose 1 or 2 (2 needs an even --resolution)")
+    trainlib.check_ranges(cfg, positive=("resolution", "iters", "slot_dim", "slot_mlp_hidden", "enc_channels"),
+                          non_negative=("slots",),
+                          choices=dict(slot_init=("gaussian", "learned"), slot_grad=SLOT_GRADS,
+                                       weight_init=("torch", "xavier"), enc_stride=(1, 2)))
+    if cfg.resolution % cfg.enc_stride:
+        raise InputError(f"--enc-stride {cfg.enc_stride} needs an even --resolution, got {cfg.resolution}")
 
 
 def validate(cfg: SAConfig) -> None:
+    """Every setting checked before any work, each problem as one line naming the flag."""
+    check_source(cfg.data)
     validate_encoder(cfg.encoder)
+    trainlib.check_ranges(cfg, positive=("dec_channels", "broadcast_size", "batch_size", "lr", "decay_every",
+                                         "decay_rate", "steps", "log_every", "eval_every", "eval_images",
+                                         "ckpt_every", "num_train", "num_gen"),
+                          non_negative=("warmup", "grad_clip", "seed", "max_minutes"),
+                          choices=dict(comp_sample=("member", "gaussian")))
     resolution, broadcast = cfg.encoder.resolution, cfg.decoder.broadcast_size
-    ratio = resolution / broadcast if broadcast > 0 else 0
-    if resolution < 1 or ratio < 1 or ratio != 2 ** round(math.log2(ratio)):
+    ratio = resolution / broadcast
+    if ratio < 1 or ratio != 2 ** round(math.log2(ratio)):
         raise InputError(f"--resolution {resolution} is not --broadcast-size {broadcast} times a power "
                          f"of 2, so the stride-2 decoder cannot reach it; use e.g. 32, 64 or 128 "
                          f"(or change --broadcast-size)")
-    if cfg.max_minutes < 0 or not math.isfinite(cfg.max_minutes):
-        raise InputError(f"--max-minutes {cfg.max_minutes}: give a positive time budget, or 0 for none")
-    if cfg.comp_sample not in ("member", "gaussian"):
-        raise InputError(f"--comp-sample {cfg.comp_sample!r}: choose 'member' or 'gaussian'")
-    if cfg.batch_size < 1 or cfg.steps < 0:
-        raise InputError("--batch-size must be >= 1 and --steps >= 0")
+    if cfg.decay_rate > 1:
+        raise InputError(f"--decay-rate {cfg.decay_rate}: the learning rate is multiplied by it every "
+                         f"--decay-every steps, so it must be in (0, 1] (paper: 0.5)")
+    if cfg.num_val is not None and cfg.num_val < 2:
+        raise InputError(f"--num-val {cfg.num_val}: FID needs at least 2 val images (default: the whole split)")
+
+
+def check_memory(cfg: SAConfig, device: torch.device) -> None:
+    """Refuse up front a run whose training step cannot fit: the decoder renders every slot of every image at full
+    resolution, and about 8 such maps per layer width are kept for the backward pass."""
+    need = 8 * 4 * cfg.batch_size * cfg.encoder.slots * cfg.encoder.resolution ** 2 * cfg.decoder.dec_channels
+    free = trainlib.free_memory(device)
+    if free is not None and need > free:
+        raise InputError(f"--slots {cfg.encoder.slots} with --batch-size {cfg.batch_size} at {cfg.encoder.resolution}px "
+                         f"needs about {need / 2**30:.1f} GiB to train, but {device} has {free / 2**30:.1f} GiB "
+                         f"free; lower --slots or --batch-size")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -346,17 +356,20 @@ def _evaluate_masks(model, scenes, cfg, device, limit, progress) -> dict[str, fl
     return dict(val_loss=loss / n, **scores.summary())
 
 
-def train(cfg: SAConfig, resume: str | None = None) -> Path | None:
+def train(cfg: SAConfig, resume: str | None = None, overwrite: bool = False) -> Path | None:
     """Trains, writing ckpt.pt, metrics.jsonl and loss_curves.png to cfg.out; returns the checkpoint path
     (None on the non-master DDP ranks, which do not evaluate)."""
     ddp = trainlib.setup_distributed(cfg.device)
     device, master = ddp.device, ddp.is_master
+    if master:
+        trainlib.prepare_out(cfg.out, resume, overwrite)
     torch.manual_seed(cfg.seed + ddp.rank)
 
     train_set = load_split(cfg.data, "train", cfg.encoder.resolution, cfg.num_train)
     val_set = load_split(cfg.data, "val", cfg.encoder.resolution, cfg.num_val)
     check_resolution(train_set, cfg.encoder)
     cfg = replace(cfg, encoder=with_slots_for(train_set, cfg.encoder))
+    check_memory(cfg, device)
 
     model = SlotAutoencoder(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -364,6 +377,8 @@ def train(cfg: SAConfig, resume: str | None = None) -> Path | None:
     start = 0
     if resume:
         state = trainlib.load_checkpoint(resume, map_location=device, kind="sa")
+        for part in ("encoder", "decoder"):
+            trainlib.check_unchanged(getattr(cfg, part), state["config"][part], "the model", resume)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -495,12 +510,13 @@ def load(ckpt: str | Path, cfg: SAConfig | None = None, device: torch.device | s
     return cfg, model.eval(), state
 
 
-def evaluate(ckpt: str | Path, cfg: SAConfig | None = None) -> dict:
+def evaluate(ckpt: str | Path, cfg: SAConfig | None = None, out: str | Path | None = None) -> dict:
     """Full evaluation of a checkpoint (with its own config unless one is given); writes val_metrics.json,
-    samples.png, comp_grid.png and the generated images in comp_gen/ next to the checkpoint."""
+    samples.png, comp_grid.png and the generated images in comp_gen/ to `out` (default: beside the checkpoint)."""
     device = trainlib.pick_device(cfg.device if cfg else "auto")
     cfg, model, state = load(ckpt, cfg, device)
-    out = Path(ckpt).parent
+    out = Path(out or Path(ckpt).parent)
+    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)                      # Gaussian slot init: make eval repeatable
 
     val_set = load_split(cfg.data, "val", cfg.encoder.resolution, cfg.num_val)
@@ -513,9 +529,10 @@ def evaluate(ckpt: str | Path, cfg: SAConfig | None = None) -> dict:
     generated = compositional_generation(model, train_set, n, cfg, device)
     metrics.save_images(generated, str(out / "comp_gen"))
     save_grid(generated[:64], str(out / "comp_grid.png"), nrow=8)
-    val_stats = metrics.fid_stats(val_set.images, device=str(device))
-    result["fid"] = metrics.fid(val_stats, generated, device=str(device))
-    result["recon_fid"] = metrics.fid(val_stats, reconstructions(model, val_set, cfg, device), device=str(device))
+    val_stats = metrics.fid_stats(val_set.images, device=str(device), name="val")
+    result["fid"] = metrics.fid(val_stats, metrics.fid_stats(generated, str(device), name="composed"))
+    result["recon_fid"] = metrics.fid(val_stats, metrics.fid_stats(reconstructions(model, val_set, cfg, device),
+                                                                   str(device), name="reconstructed"))
     result.update(step=state["step"], val_images=len(val_set), generated_images=n, comp_sample=cfg.comp_sample,
                   objects_per_scene=float(np.mean([len(np.unique(m)) - 1 for m in val_set.masks])))
     (out / "val_metrics.json").write_text(json.dumps(result, indent=2))
@@ -538,9 +555,9 @@ def main(argv: list[str] | None = None) -> None:
         if command == "eval":
             if not args.ckpt:
                 raise InputError("eval needs --ckpt PATH (e.g. runs/sa/ckpt.pt, written by training)")
-            evaluate(args.ckpt, cfg)
+            evaluate(args.ckpt, cfg, out=args.out)
             return
-        ckpt = train(cfg, resume=args.resume)
+        ckpt = train(cfg, resume=args.resume, overwrite=args.overwrite)
         if ckpt is not None and not args.no_eval:
             evaluate(ckpt)  # with the checkpoint's config, where --slots 0 is resolved
     except InputError as e:

@@ -36,7 +36,7 @@ from tqdm import tqdm
 import metrics
 import trainlib
 import vae
-from data import (Scenes, batch_indices, colorize_masks, get_batch, iterate_batches, load_split,
+from data import (Scenes, batch_indices, check_source, colorize_masks, get_batch, iterate_batches, load_split,
                   save_grid, to_uint8)
 from errors import InputError
 from sa import EncoderConfig, SlotEncoder, check_resolution, composed_slots, validate_encoder, with_slots_for
@@ -115,25 +115,45 @@ PRESETS = {
 
 
 def validate(cfg: SDConfig) -> None:
-    """Catch impossible settings here, with the fix, instead of as a shape error deep inside torch."""
+    """Every setting checked before any work (the VAE included), each problem as one line naming the flag."""
+    check_source(cfg.data)
     validate_encoder(cfg.encoder)
-    if cfg.comp_sample not in ("member", "gaussian"):
-        raise InputError(f"--comp-sample {cfg.comp_sample!r}: choose 'member' or 'gaussian'")
-    if cfg.batch_size < 1 or cfg.steps < 0 or cfg.sample_batch < 1:
-        raise InputError("--batch-size and --sample-batch must be >= 1 and --steps >= 0")
-    if cfg.max_minutes < 0 or not math.isfinite(cfg.max_minutes):
-        raise InputError(f"--max-minutes {cfg.max_minutes}: give a positive time budget, or 0 for none")
-    if cfg.sample_steps is not None and not 1 <= cfg.sample_steps <= cfg.diffusion.timesteps:
+    trainlib.check_ranges(cfg, positive=("base_channels", "num_res_blocks", "head_dim", "timesteps", "beta_start",
+                                         "beta_end", "sample_steps", "sample_batch", "batch_size", "lr", "unet_lr",
+                                         "steps", "log_every", "eval_every", "eval_images", "ckpt_every", "num_recon",
+                                         "num_train", "num_gen"),
+                          non_negative=("dropout", "warmup", "grad_clip", "seed", "max_minutes"),
+                          choices=dict(comp_sample=("member", "gaussian"),
+                                       beta_schedule=("linear", "scaled_linear")))
+    if cfg.num_val is not None and cfg.num_val < 2:
+        raise InputError(f"--num-val {cfg.num_val}: FID needs at least 2 val images (default: the whole split)")
+    if cfg.sample_steps is not None and cfg.sample_steps > cfg.diffusion.timesteps:
         raise InputError(f"--sample-steps {cfg.sample_steps} must be in 1..{cfg.diffusion.timesteps} "
                          f"(or unset for all T)")
+    schedule = cfg.diffusion
+    if not schedule.beta_start <= schedule.beta_end < 1:
+        raise InputError(f"--beta-start {schedule.beta_start} / --beta-end {schedule.beta_end}: need "
+                         f"0 < beta-start <= beta-end < 1 (the assignment: 0.0015 and 0.0195)")
     unet = cfg.unet
+    if not unet.channel_mult or min(unet.channel_mult) < 1 or unet.dropout >= 1:
+        raise InputError(f"--channel-mult {unet.channel_mult} / --dropout {unet.dropout}: need positive multipliers "
+                         f"(e.g. 1,2,3) and a dropout in [0, 1)")
     widths = sorted({unet.base_channels * m for m in unet.channel_mult[1:] + unet.channel_mult[-1:]})  # with attention
     if any(w % unet.head_dim for w in widths):
         raise InputError(f"UNet widths {widths} (--base-channels x --channel-mult) must be multiples of "
                          f"--head-dim {unet.head_dim}; change one of them")
-    make_betas(cfg.diffusion)  # raises for unknown schedules
-    if cfg.vae:  # fail now, not after generating and loading the data
-        vae.load_vae(cfg.vae)
+    # the VAE (given, or the one ensure_vae would train) must suit the resolution: check now, not after training it
+    preset = vae.PRESETS["cpu" if cfg.encoder.resolution <= 64 else "paper"]["model"]
+    check_latent_size(cfg, vae.load_vae(cfg.vae).cfg.downsample if cfg.vae else preset.downsample)
+
+
+def check_latent_size(cfg: SDConfig, downsample: int) -> None:
+    levels, resolution = 2 ** (len(cfg.unet.channel_mult) - 1), cfg.encoder.resolution
+    latent_size = resolution // downsample
+    if resolution % downsample or latent_size % levels:
+        raise InputError(f"--resolution {resolution} gives a {latent_size}x{latent_size} latent, which the UNet's "
+                         f"{len(cfg.unet.channel_mult)} levels cannot halve {len(cfg.unet.channel_mult) - 1} times; "
+                         f"use a resolution divisible by {downsample * levels}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -498,12 +518,7 @@ def load_frozen_vae(cfg: SDConfig, device: torch.device) -> tuple[vae.VQVAE, str
     """The VAE, checked against the UNet's levels, and the hash of its file (which identifies cached latents and
     must match a checkpoint's)."""
     vqvae = vae.load_vae(cfg.vae).to(device).requires_grad_(False)
-    levels, resolution = 2 ** (len(cfg.unet.channel_mult) - 1), cfg.encoder.resolution
-    latent_size = resolution // vqvae.cfg.downsample
-    if resolution % vqvae.cfg.downsample or latent_size % levels:
-        raise InputError(f"--resolution {resolution} gives a {latent_size}x{latent_size} latent, which the "
-                         f"UNet's {len(cfg.unet.channel_mult)} levels cannot halve {len(cfg.unet.channel_mult) - 1} times; "
-                         f"use a resolution divisible by {vqvae.cfg.downsample * levels}")
+    check_latent_size(cfg, vqvae.cfg.downsample)
     return vqvae, file_hash(cfg.vae)
 
 
@@ -533,11 +548,13 @@ def evaluate_loss_and_masks(model: SlotDiffusion, scenes: Scenes, latents: torch
     return dict(val_loss=loss / n, **scores.summary())
 
 
-def train(cfg: SDConfig, resume: str | None = None) -> Path | None:
+def train(cfg: SDConfig, resume: str | None = None, overwrite: bool = False) -> Path | None:
     """Trains, writing ckpt.pt, metrics.jsonl and loss_curves.png to cfg.out; returns the checkpoint path
     (None on the non-master DDP ranks, which do not evaluate)."""
     ddp = trainlib.setup_distributed(cfg.device)
     device, master = ddp.device, ddp.is_master
+    if master:
+        trainlib.prepare_out(cfg.out, resume, overwrite)
     torch.manual_seed(cfg.seed + ddp.rank)
 
     resolution = cfg.encoder.resolution
@@ -558,6 +575,8 @@ def train(cfg: SDConfig, resume: str | None = None) -> Path | None:
     start = 0
     if resume:
         state = trainlib.load_checkpoint(resume, map_location=device, kind="slotdiff")
+        for part in ("encoder", "unet", "diffusion"):
+            trainlib.check_unchanged(getattr(cfg, part), state["config"][part], "the model", resume)
         if state["vae_hash"] != vae_hash:
             raise InputError(f"{resume} was trained on the latents of another VAE than {cfg.vae}; "
                              f"pass --vae with the VAE it was trained with")
@@ -663,13 +682,15 @@ def load(ckpt: str | Path, cfg: SDConfig | None = None, device: torch.device | s
     return cfg, model.eval(), vqvae.eval(), state
 
 
-def evaluate(ckpt: str | Path, cfg: SDConfig | None = None) -> dict:
+def evaluate(ckpt: str | Path, cfg: SDConfig | None = None, out: str | Path | None = None) -> dict:
     """Full evaluation of a checkpoint (with its own config unless one is given); writes val_metrics.json,
-    reconstructions.png, comp_grid.png and the generated images in comp_gen/ next to the checkpoint."""
+    reconstructions.png, comp_grid.png and the generated images in comp_gen/ to `out` (default: beside the
+    checkpoint)."""
     device = trainlib.pick_device(cfg.device if cfg else "auto")
     cfg, model, vqvae, state = load(ckpt, cfg, device)
     vae_hash = state["vae_hash"]
-    out = Path(ckpt).parent
+    out = Path(out or Path(ckpt).parent)
+    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)                      # Gaussian slot init: make eval repeatable
 
     val_set = load_split(cfg.data, "val", cfg.encoder.resolution, cfg.num_val)
@@ -723,9 +744,9 @@ def main(argv: list[str] | None = None) -> None:
         if command == "eval":
             if not args.ckpt:
                 raise InputError("eval needs --ckpt PATH (e.g. runs/slotdiff/ckpt.pt, written by training)")
-            evaluate(args.ckpt, cfg)
+            evaluate(args.ckpt, cfg, out=args.out)
             return
-        ckpt = train(cfg, resume=args.resume)
+        ckpt = train(cfg, resume=args.resume, overwrite=args.overwrite)
         if ckpt is not None and not args.no_eval:
             evaluate(ckpt)  # the checkpoint's config: it records the VAE that training resolved
     except InputError as e:

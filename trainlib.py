@@ -168,12 +168,13 @@ def parse_command_line(cls, presets: dict, argv: list[str], description: str, ki
                                     "step and random state)")
     p.add_argument("--ckpt", help="eval: the checkpoint to evaluate")
     p.add_argument("--no-eval", action="store_true", help="train: skip the final evaluation")
+    p.add_argument("--overwrite", action="store_true", help="train: replace the run already in --out")
     hints, comments, defaults = leaf_types(cls), field_comments(cls), cls()
     for leaf, path in config_paths(cls).items():
         default = functools.reduce(getattr, path, defaults)
         p.add_argument("--" + leaf.replace("_", "-"), type=flag_parser(hints[leaf]), default=None,
                        metavar=leaf.upper(), help=f"{comments.get(leaf, '')} (default {default})".strip())
-    args = p.parse_args(argv)
+    args = p.parse_args(attach_negative_numbers(argv))
     base = {}
     source = args.resume or args.ckpt
     if source:
@@ -188,12 +189,55 @@ def parse_command_line(cls, presets: dict, argv: list[str], description: str, ki
     return command, with_overrides(cfg, explicit), args
 
 
+def attach_negative_numbers(argv: list[str]) -> list[str]:
+    """argparse reads "--lr -1e-3" as two flags (it only knows plain negatives like -0.001); "--lr=-1e-3" is what
+    the user meant, so a flag's value that parses as a number is attached to it."""
+    joined = []
+    for arg in argv:
+        if joined and joined[-1].startswith("--") and "=" not in joined[-1] and arg.startswith("-"):
+            try:
+                float(arg)
+            except ValueError:
+                pass
+            else:
+                joined[-1] += "=" + arg
+                continue
+        joined.append(arg)
+    return joined
+
+
 def with_overrides(cfg, overrides: dict):
     """A copy of cfg with overrides (flag name -> value) applied."""
     cfg = copy.deepcopy(cfg)
     for key, value in overrides.items():
         set_config_value(cfg, key, value)
     return cfg
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_ranges(cfg, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+                 choices: dict[str, tuple] | None = None) -> None:
+    """One line per impossible number or unknown choice, naming the flag: sizes, counts, intervals and learning
+    rates must be finite and > 0 (optional ones may be None), budgets, seeds and clip norms >= 0."""
+    values = {leaf: functools.reduce(getattr, path, cfg) for leaf, path in config_paths(type(cfg)).items()}
+
+    def is_number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    for name in positive:
+        value = values[name]
+        if value is not None and not (is_number(value) and value > 0):
+            raise InputError(f"{flag(name)} {value}: must be a number > 0")
+    for name in non_negative:
+        value = values[name]
+        if value is not None and not (is_number(value) and value >= 0):
+            raise InputError(f"{flag(name)} {value}: must be a number >= 0")
+    for name, allowed in (choices or {}).items():
+        if values[name] not in allowed:
+            raise InputError(f"{flag(name)} {values[name]!r}: choose one of {', '.join(map(str, allowed))}")
 
 
 def check_unchanged(cfg, stored: dict, what: str, path: str | Path) -> None:
@@ -248,6 +292,19 @@ def setup_distributed(device: str = "auto") -> Dist:
     return Dist(rank, world, local, dev)
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation can still get on device (None when unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def amp_dtype(device: torch.device) -> torch.dtype:
     """bf16 where the hardware has it (CPU, Ampere+), fp16 on older GPUs (needs a GradScaler)."""
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -296,8 +353,13 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        torch_write_error = isinstance(e, RuntimeError) and "write" in str(e)   # how torch reports ENOSPC
+        if isinstance(e, OSError) or torch_write_error:
+            kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
+            raise InputError(f"could not write {path} ({e}); {kept}. Free disk space (or fix the folder), then "
+                             f"resume") from None
         raise
 
 
@@ -350,6 +412,28 @@ def check_kind(state, kind: str, path: str | Path) -> None:
     if state["kind"] != kind:
         other = SCRIPTS.get(state["kind"], state["kind"])
         raise InputError(f"{path} is a {other} checkpoint, not a {script} one; use it with `python {other}`")
+
+
+def prepare_out(out: str | Path, resume: str | None, overwrite: bool) -> Path:
+    """Checks the output folder before any work: it must be a writable folder, and a new run must not replace an
+    earlier one by accident (it would truncate its metrics and overwrite its checkpoint). Leftover temp files of a
+    checkpoint save that was killed are removed."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give a folder for the checkpoint, metrics and pictures")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise InputError(f"--out {out} is not a writable folder ({e.strerror}); choose another --out") from None
+    earlier = [name for name in ("ckpt.pt", "metrics.jsonl") if (out / name).exists()]
+    if earlier and not resume and not overwrite:
+        raise InputError(f"--out {out} already holds a run ({', '.join(earlier)}); continue it with --resume "
+                         f"{out / 'ckpt.pt'}, choose another --out, or pass --overwrite to replace it")
+    for leftover in out.glob("ckpt.pt.*.tmp"):
+        leftover.unlink(missing_ok=True)
+    return out
 
 
 def rng_state() -> dict:
@@ -550,6 +634,11 @@ class TrainLoop:
         last = done >= cfg.steps or out_of_time
         self.bar.update(done)
         epoch = done * self.images_per_step / self.epoch_size
+        if done % cfg.log_every == 0 or last:
+            if self.world_size > 1:  # log the loss of the global batch: the mean over the ranks' local losses
+                loss = loss.detach().clone()
+                dist.all_reduce(loss)   # a sum (gloo has no AVG)
+                loss /= self.world_size
         if self.master and (done % cfg.log_every == 0 or last):
             value = loss.item()
             self.bar.show(done, loss=f"{value:.4f}", lr=f"{lr:.1e}")

@@ -362,13 +362,19 @@ PRESETS = {
 
 
 def validate(cfg: TrainConfig) -> None:
-    if cfg.model.ch < 1 or cfg.model.ch % 32:
+    """Every setting checked before any work, each problem as one line naming the flag."""
+    data.check_source(cfg.data)
+    trainlib.check_ranges(cfg, positive=("resolution", "num_train", "num_val", "ch", "num_res_blocks", "in_channels",
+                                         "z_channels", "embed_dim", "n_embed", "batch_size", "lr", "steps",
+                                         "log_every", "eval_every", "ckpt_every"),
+                          non_negative=("beta", "warmup", "restart_every", "seed", "max_minutes"))
+    if cfg.model.ch % 32:
         raise InputError(f"--ch {cfg.model.ch} is not a multiple of 32 (GroupNorm uses 32 groups); use 32 or 64")
-    if cfg.resolution < 1 or cfg.resolution % cfg.model.downsample:
+    if not cfg.model.ch_mult or min(cfg.model.ch_mult) < 1:
+        raise InputError(f"--ch-mult {cfg.model.ch_mult}: need positive multipliers, e.g. 1,2,4")
+    if cfg.resolution % cfg.model.downsample:
         raise InputError(f"--resolution {cfg.resolution} is not divisible by {cfg.model.downsample} "
                          f"(= 2**(len(ch_mult)-1)); use e.g. 64 or 128")
-    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.model.n_embed < 1:
-        raise InputError("--steps, --batch-size and --n-embed must be >= 1")
 
 
 def vae_loss(model: VQVAE, images: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
@@ -436,9 +442,10 @@ def checkpoint_state(model: VQVAE, optimizer: torch.optim.Optimizer, step: int, 
                 code_counts=code_counts.cpu(), rng=trainlib.rng_state())
 
 
-def train(cfg: TrainConfig, resume: str | None = None) -> Path:
+def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) -> Path:
     """Trains (or continues) a VQ-VAE; writes ckpt.pt, metrics.jsonl and loss_curves.png to cfg.out and returns
     the checkpoint path. Ctrl-C checkpoints and exits 130: an interrupted VAE is never taken for a trained one."""
+    trainlib.prepare_out(cfg.out, resume, overwrite)
     device = trainlib.pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     train_scenes = data.load_split(cfg.data, "train", cfg.resolution, limit=cfg.num_train)
@@ -451,6 +458,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     start = 0
     if resume:
         state = trainlib.load_checkpoint(resume, map_location=device, kind="vae")
+        trainlib.check_unchanged(cfg.model, state["config"]["model"], "the model", resume)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         code_counts = state["code_counts"].to(device)
@@ -514,7 +522,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise InputError("eval needs --ckpt PATH (e.g. runs/vae/ckpt.pt, written by training)")
             evaluate_checkpoint(args.ckpt, cfg)
             return
-        ckpt = train(cfg, resume=args.resume)
+        ckpt = train(cfg, resume=args.resume, overwrite=args.overwrite)
         if not args.no_eval:
             evaluate_checkpoint(ckpt)
     except InputError as e:
