@@ -17,7 +17,7 @@ venv: $(STAMP)
 
 # Part 1 on the embedded synthetic scenes: preview the data, train Slot Attention (cpu preset), evaluate.
 demo: $(STAMP)
-	$(PY) data.py --preview $(OUT)/data_preview.png --resolution 64
+	$(PY) data.py --preview $(OUT)/data_preview.png --data synthetic-clevr --resolution 32
 	$(PY) sa.py --preset cpu --out $(OUT)/sa
 
 # Part 2: trains (or reuses) a small VQ-VAE, then SlotDiffusion (cpu preset), evaluates with 1000-step DDPM + FID.

@@ -94,10 +94,13 @@ class SAConfig:
 PRESETS = {
     "paper": dict(encoder=EncoderConfig(resolution=128), decoder=DecoderConfig(), batch_size=64, lr=4e-4,
                   warmup=10_000, decay_every=100_000, steps=500_000),
-    # A 2-core CPU (chosen with bench/bench_learning.py; see the README's learning-curve table)
-    "cpu": dict(encoder=EncoderConfig(resolution=32, slots=0, enc_channels=32), decoder=DecoderConfig(dec_channels=32),
-                batch_size=32, lr=4e-4, warmup=500, decay_every=5_000, steps=100_000, max_minutes=16,
-                num_train=5_000, num_val=500, log_every=25, eval_every=500, eval_images=128, ckpt_every=500),
+    # A 2-core CPU, chosen from measured learning curves (bench/bench_learning.py; docs/results.md): 32x32 and
+    # batch 16 buy ~12 steps/s, and BO-QSA's learned slot queries with xavier init break symmetry soonest.
+    "cpu": dict(encoder=EncoderConfig(resolution=32, slots=0, enc_channels=32, slot_init="learned",
+                                      slot_grad="bo-qsa", weight_init="xavier"),
+                decoder=DecoderConfig(dec_channels=32), batch_size=16, lr=4e-4, warmup=500, decay_every=5_000,
+                steps=100_000, max_minutes=20, num_train=5_000, num_val=500, log_every=25, eval_every=500,
+                eval_images=128, ckpt_every=500),
 }
 
 
