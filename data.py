@@ -634,7 +634,16 @@ def load_split(data: str, split: str, resolution: int, limit: int | None = None,
         scenes.name = f"{data}-{resolution}-{split}"
         return scenes
     _check_not_a_misspelt_generator(data)
-    return _load_folder(Path(data), split, resolution, limit, cache_dir)
+    root = Path(data)
+    if split == "val" and not _has_split_folder(root, "val") and _has_split_folder(root, "test"):
+        print(f"note: {root} has no val split; validating on its test split")   # many datasets ship train/test only
+        split = "test"
+    return _load_folder(root, split, resolution, limit, cache_dir)
+
+
+def _has_split_folder(root: Path, split: str) -> bool:
+    """Whether the split exists at all (generic or course layout; the official layout splits by index)."""
+    return (root / split / "images").is_dir() or (root / "images" / split).is_dir()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -385,7 +385,8 @@ def fid_slotdiff(ckpt: Path, num_gen: int | None, sample_steps: int | None, devi
 def report_fid(generated: np.ndarray, real: np.ndarray, ckpt: Path, device: torch.device) -> float:
     grid = ckpt.with_name(f"{ckpt.stem}_comp_grid_onnx.png")
     save_grid(generated[:64], str(grid), nrow=8)
-    score = metrics.fid(real, generated, device=str(device))
+    real_stats = metrics.fid_stats(real, device=str(device), name="val", cache_dir=".cache")
+    score = metrics.fid(real_stats, generated, device=str(device))
     print(f"compositional FID through ONNX Runtime ({len(generated)} generated vs {len(real)} val images): "
           f"{score:.2f}\nwrote {grid}")
     return score

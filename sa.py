@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -94,10 +93,11 @@ class SAConfig:
 PRESETS = {
     "paper": dict(encoder=EncoderConfig(resolution=128), decoder=DecoderConfig(), batch_size=64, lr=4e-4,
                   warmup=10_000, decay_every=100_000, steps=500_000),
-    # A 2-core CPU, chosen from measured learning curves (bench/bench_learning.py; docs/results.md): 32x32 and
-    # batch 16 buy ~12 steps/s, and BO-QSA's learned slot queries with xavier init break symmetry soonest.
+    # A 2-core CPU, chosen from measured learning curves on plain and textured scenes (bench/bench_learning.py;
+    # docs/results.md): 32x32 and batch 16 buy ~12 steps/s, and BO-QSA's learned slot queries break symmetry
+    # soonest (the official code's xavier init helps on plain scenes but costs 0.09 FG-ARI on textured ones).
     "cpu": dict(encoder=EncoderConfig(resolution=32, slots=0, enc_channels=32, slot_init="learned",
-                                      slot_grad="bo-qsa", weight_init="xavier"),
+                                      slot_grad="bo-qsa"),
                 decoder=DecoderConfig(dec_channels=32), batch_size=16, lr=4e-4, warmup=500, decay_every=5_000,
                 steps=100_000, max_minutes=20, num_train=5_000, num_val=500, log_every=25, eval_every=500,
                 eval_images=128, ckpt_every=500),
@@ -382,18 +382,10 @@ def train(cfg: SAConfig, resume: str | None = None, overwrite: bool = False) -> 
         state = trainlib.load_checkpoint(resume, map_location=device, kind="sa")
         for part in ("encoder", "decoder"):
             trainlib.check_unchanged(getattr(cfg, part), state["config"][part], "the model", resume)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        trainlib.set_rng_state(state["rng"])
-        start = state["step"]
-        if master:
-            print(f"resumed from {resume} at step {start}")
+        start = trainlib.restore(state, resume, master, model=model, optimizer=opt, scaler=scaler)
     loop = trainlib.TrainLoop(cfg, start, Path(cfg.out), script="sa.py", title="Slot Attention + SBD",
                               resumed=bool(resume), master=master, world_size=ddp.world_size, device=device,
                               images_per_step=cfg.batch_size * ddp.world_size, epoch_size=len(train_set))
-    if master:
-        (Path(cfg.out) / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
     step_model = torch.compile(model) if cfg.compile else model   # compiled view shares the parameters
     if ddp.world_size > 1:
@@ -513,6 +505,16 @@ def load(ckpt: str | Path, cfg: SAConfig | None = None, device: torch.device | s
     return cfg, model.eval(), state
 
 
+def save_and_score_composed(generated: np.ndarray, val_set: Scenes, out: Path, device: torch.device
+                            ) -> tuple[float, tuple[np.ndarray, np.ndarray]]:
+    """Writes composed scenes to out/comp_gen/ and the first 64 to out/comp_grid.png; returns their FID against the
+    val images and the val Inception statistics (cached by content), for further comparisons (slotdiff.py too)."""
+    metrics.save_images(generated, str(out / "comp_gen"))
+    save_grid(generated[:64], str(out / "comp_grid.png"), nrow=8)
+    val_stats = metrics.fid_stats(val_set.images, device=str(device), name="val", cache_dir=".cache")
+    return metrics.fid(val_stats, metrics.fid_stats(generated, str(device), name="composed")), val_stats
+
+
 def evaluate(ckpt: str | Path, cfg: SAConfig | None = None, out: str | Path | None = None) -> dict:
     """Full evaluation of a checkpoint (with its own config unless one is given); writes val_metrics.json,
     samples.png, comp_grid.png and the generated images in comp_gen/ to `out` (default: beside the checkpoint)."""
@@ -530,10 +532,7 @@ def evaluate(ckpt: str | Path, cfg: SAConfig | None = None, out: str | Path | No
 
     n = cfg.num_gen or len(val_set)
     generated = compositional_generation(model, train_set, n, cfg, device)
-    metrics.save_images(generated, str(out / "comp_gen"))
-    save_grid(generated[:64], str(out / "comp_grid.png"), nrow=8)
-    val_stats = metrics.fid_stats(val_set.images, device=str(device), name="val")
-    result["fid"] = metrics.fid(val_stats, metrics.fid_stats(generated, str(device), name="composed"))
+    result["fid"], val_stats = save_and_score_composed(generated, val_set, out, device)
     result["recon_fid"] = metrics.fid(val_stats, metrics.fid_stats(reconstructions(model, val_set, cfg, device),
                                                                    str(device), name="reconstructed"))
     result.update(step=state["step"], val_images=len(val_set), generated_images=n, comp_sample=cfg.comp_sample,
@@ -551,20 +550,7 @@ def evaluate(ckpt: str | Path, cfg: SAConfig | None = None, out: str | Path | No
 # command line: every config field is a flag (--slot-init learned, --compile 0, ...); presets are override dicts
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        command, cfg, args = trainlib.parse_command_line(SAConfig, PRESETS, list(sys.argv[1:] if argv is None else argv),
-                                                         __doc__, kind="sa")
-        validate(cfg)
-        if command == "eval":
-            if not args.ckpt:
-                raise InputError("eval needs --ckpt PATH (e.g. runs/sa/ckpt.pt, written by training)")
-            evaluate(args.ckpt, cfg, out=args.out)
-            return
-        ckpt = train(cfg, resume=args.resume, overwrite=args.overwrite)
-        if ckpt is not None and not args.no_eval:
-            evaluate(ckpt)  # with the checkpoint's config, where --slots 0 is resolved
-    except InputError as e:
-        sys.exit(f"error: {e}")
+    trainlib.run_command_line(argv, SAConfig, PRESETS, __doc__, "sa", validate, train, evaluate)
 
 
 if __name__ == "__main__":

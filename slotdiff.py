@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import re
-import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -39,7 +38,8 @@ import vae
 from data import (Scenes, batch_indices, check_source, colorize_masks, get_batch, iterate_batches, load_split,
                   save_grid, to_uint8)
 from errors import InputError
-from sa import EncoderConfig, SlotEncoder, check_resolution, composed_slots, validate_encoder, with_slots_for
+from sa import (EncoderConfig, SlotEncoder, check_resolution, composed_slots, save_and_score_composed,
+                validate_encoder, with_slots_for)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -72,6 +72,7 @@ class SDConfig:
     num_val: int | None = None     # None = the whole split / 500
     # model: sa.py's slot encoder, the UNet, the schedule, and the frozen VQ-VAE whose latents are denoised
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    encoder_from: str | None = None  # an sa.py checkpoint whose trained slot encoder starts this one (same settings)
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     vae: str | None = None         # a VQ-VAE checkpoint, or None = train one here once per dataset (cached)
@@ -142,6 +143,8 @@ def validate(cfg: SDConfig) -> None:
     if any(w % unet.head_dim for w in widths):
         raise InputError(f"UNet widths {widths} (--base-channels x --channel-mult) must be multiples of "
                          f"--head-dim {unet.head_dim}; change one of them")
+    if cfg.encoder_from:
+        trainlib.load_checkpoint(cfg.encoder_from, kind="sa")   # exists and is a Slot Attention checkpoint
     # the VAE (given, or the one ensure_vae would train) must suit the resolution: check now, not after training it
     preset = vae.PRESETS["cpu" if cfg.encoder.resolution <= 64 else "paper"]["model"]
     check_latent_size(cfg, vae.load_vae(cfg.vae).cfg.downsample if cfg.vae else preset.downsample)
@@ -548,6 +551,20 @@ def evaluate_loss_and_masks(model: SlotDiffusion, scenes: Scenes, latents: torch
     return dict(val_loss=loss / n, **scores.summary())
 
 
+def trained_encoder(path: str, cfg: EncoderConfig) -> dict[str, torch.Tensor]:
+    """The slot encoder weights of an sa.py checkpoint (Part 1), refused unless it was trained with the same encoder
+    settings as this run, so that a warm start never silently reshapes or reinterprets weights."""
+    state = trainlib.load_checkpoint(path, kind="sa")
+    trained, ours = state["config"]["encoder"], asdict(cfg)
+    differing = [f"--{key.replace('_', '-')} {ours[key]} here, {trained[key]} there" for key in ours
+                 if key in trained and trained[key] != ours[key]]
+    if differing:
+        raise InputError(f"--encoder-from {path}: its slot encoder was trained with other settings "
+                         f"({'; '.join(differing)}); pass that checkpoint's values to slotdiff.py")
+    return {key.removeprefix("encoder."): value for key, value in state["model"].items()
+            if key.startswith("encoder.")}
+
+
 def train(cfg: SDConfig, resume: str | None = None, overwrite: bool = False) -> Path | None:
     """Trains, writing ckpt.pt, metrics.jsonl and loss_curves.png to cfg.out; returns the checkpoint path
     (None on the non-master DDP ranks, which do not evaluate)."""
@@ -562,6 +579,7 @@ def train(cfg: SDConfig, resume: str | None = None, overwrite: bool = False) -> 
     val_set = load_split(cfg.data, "val", resolution, cfg.num_val)
     check_resolution(train_set, cfg.encoder)
     cfg = replace(cfg, encoder=with_slots_for(train_set, cfg.encoder))
+    warm_start = trained_encoder(cfg.encoder_from, cfg.encoder) if cfg.encoder_from and not resume else None
     with master_first(ddp.world_size, master):
         cfg = replace(cfg, vae=ensure_vae(cfg))
         vqvae, vae_hash = load_frozen_vae(cfg, device)
@@ -569,6 +587,8 @@ def train(cfg: SDConfig, resume: str | None = None, overwrite: bool = False) -> 
         val_latents = cached_latents(vqvae, vae_hash, val_set, device, cfg.batch_size)
     model = SlotDiffusion(cfg, vqvae.cfg.embed_dim).to(device)
     del vqvae  # training never touches the VAE again
+    if warm_start is not None:
+        model.encoder.load_state_dict(warm_start)
     opt = torch.optim.Adam([dict(params=model.encoder.parameters(), base_lr=cfg.lr),
                             dict(params=model.unet.parameters(), base_lr=cfg.unet_lr)])
     scaler = trainlib.make_grad_scaler(device, cfg.amp)
@@ -580,18 +600,11 @@ def train(cfg: SDConfig, resume: str | None = None, overwrite: bool = False) -> 
         if state["vae_hash"] != vae_hash:
             raise InputError(f"{resume} was trained on the latents of another VAE than {cfg.vae}; "
                              f"pass --vae with the VAE it was trained with")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        trainlib.set_rng_state(state["rng"])
-        start = state["step"]
-        if master:
-            print(f"resumed from {resume} at step {start}")
+        start = trainlib.restore(state, resume, master, model=model, optimizer=opt, scaler=scaler)
     loop = trainlib.TrainLoop(cfg, start, Path(cfg.out), script="slotdiff.py", title="SlotDiffusion",
                               resumed=bool(resume), master=master, world_size=ddp.world_size, device=device,
                               images_per_step=cfg.batch_size * ddp.world_size, epoch_size=len(train_set))
     if master:
-        (Path(cfg.out) / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
         print(f"SlotDiffusion: encoder {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M + UNet "
               f"{sum(p.numel() for p in model.unet.parameters()) / 1e6:.2f}M params, latents "
               f"{tuple(train_latents.shape[1:])}, {len(train_set)} train / {len(val_set)} val scenes, device {device}")
@@ -717,9 +730,7 @@ def evaluate(ckpt: str | Path, cfg: SDConfig | None = None, out: str | Path | No
     inputs = torch.from_numpy(to_uint8(images * 2 - 1)).float() / 127.5 - 1
     result["recon_mse"] = F.mse_loss(torch.from_numpy(recon).float() / 127.5 - 1, inputs).item()
     result["vae_recon_mse"] = F.mse_loss(torch.from_numpy(vae_recon).float() / 127.5 - 1, inputs).item()
-    metrics.save_images(generated, str(out / "comp_gen"))
-    save_grid(generated[:64], str(out / "comp_grid.png"), nrow=8)
-    result["fid"] = metrics.fid(val_set.images, generated, device=str(device))
+    result["fid"], _ = save_and_score_composed(generated, val_set, out, device)
     result.update(step=state["step"], val_images=len(val_set), generated_images=n, comp_sample=cfg.comp_sample,
                   sample_steps=cfg.sample_steps or cfg.diffusion.timesteps)
     (out / "val_metrics.json").write_text(json.dumps(result, indent=2))
@@ -737,20 +748,7 @@ def evaluate(ckpt: str | Path, cfg: SDConfig | None = None, out: str | Path | No
 # are override dicts
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        command, cfg, args = trainlib.parse_command_line(SDConfig, PRESETS, list(sys.argv[1:] if argv is None else argv),
-                                                         __doc__, kind="slotdiff")
-        validate(cfg)
-        if command == "eval":
-            if not args.ckpt:
-                raise InputError("eval needs --ckpt PATH (e.g. runs/slotdiff/ckpt.pt, written by training)")
-            evaluate(args.ckpt, cfg, out=args.out)
-            return
-        ckpt = train(cfg, resume=args.resume, overwrite=args.overwrite)
-        if ckpt is not None and not args.no_eval:
-            evaluate(ckpt)  # the checkpoint's config: it records the VAE that training resolved
-    except InputError as e:
-        sys.exit(f"error: {e}")
+    trainlib.run_command_line(argv, SDConfig, PRESETS, __doc__, "slotdiff", validate, train, evaluate)
 
 
 if __name__ == "__main__":

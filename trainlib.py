@@ -189,6 +189,27 @@ def parse_command_line(cls, presets: dict, argv: list[str], description: str, ki
     return command, with_overrides(cfg, explicit), args
 
 
+def run_command_line(argv: list[str] | None, cls, presets: dict, description: str, kind: str, validate: Callable,
+                     train: Callable, evaluate: Callable) -> None:
+    """The command line of a training script: `train` (the default; then the checkpoint is evaluated with its own
+    config, where training resolved settings such as --slots 0) or `eval --ckpt PATH [--out DIR]`. Any
+    InputError ends the program as one line, exit code 1."""
+    try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        command, cfg, args = parse_command_line(cls, presets, argv, description, kind)
+        validate(cfg)
+        if command == "eval":
+            if not args.ckpt:
+                raise InputError(f"eval needs --ckpt PATH (e.g. {cls().out}/ckpt.pt, written by training)")
+            evaluate(args.ckpt, cfg, out=args.out)
+            return
+        ckpt = train(cfg, resume=args.resume, overwrite=args.overwrite)
+        if ckpt is not None and not args.no_eval:   # None: a DDP rank other than the first
+            evaluate(ckpt)
+    except InputError as e:
+        sys.exit(f"error: {e}")
+
+
 def attach_negative_numbers(argv: list[str]) -> list[str]:
     """argparse reads "--lr -1e-3" as two flags (it only knows plain negatives like -0.001); "--lr=-1e-3" is what
     the user meant, so a flag's value that parses as a number is attached to it."""
@@ -590,6 +611,17 @@ class TrainProgress:
         self.bar.close()
 
 
+def restore(state: dict, path: str | Path, master: bool = True, **parts) -> int:
+    """Continues a training checkpoint exactly: loads each part's state (model=..., optimizer=..., scaler=..., the
+    keys the checkpoint stores them under) and every random generator's state; returns the checkpoint's step."""
+    for key, part in parts.items():
+        part.load_state_dict(state[key])
+    set_rng_state(state["rng"])
+    if master:
+        print(f"resumed from {path} at step {state['step']}")
+    return state["step"]
+
+
 class TrainLoop:
     """The bookkeeping every training script does around its own loop body, written once: the time budget, a
     progress bar with a true ETA, the metrics log, periodic evaluation with the loss-curve picture, atomic
@@ -611,6 +643,8 @@ class TrainLoop:
         self.images_per_step, self.epoch_size = images_per_step, epoch_size
         self.ckpt = self.out / "ckpt.pt"
         self.log = MetricsLog(self.out / "metrics.jsonl", resume_step=start if resumed else None) if master else None
+        if master:   # the settings in effect, for the reader of the run folder (checkpoints carry their own copy)
+            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         self.finished = start >= cfg.steps
         self.interrupt = StopOnInterrupt()
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -459,12 +458,8 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) 
     if resume:
         state = trainlib.load_checkpoint(resume, map_location=device, kind="vae")
         trainlib.check_unchanged(cfg.model, state["config"]["model"], "the model", resume)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        start = trainlib.restore(state, resume, model=model, optimizer=optimizer)
         code_counts = state["code_counts"].to(device)
-        start = state["step"]
-        trainlib.set_rng_state(state["rng"])
-        print(f"resumed from {resume} at step {start}")
     print(f"VQ-VAE {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {cfg.model}, "
           f"{len(train_scenes)} train / {len(val_scenes)} val scenes at {cfg.resolution}px, device {device}, "
           f"amp {cfg.amp}")
@@ -494,15 +489,17 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) 
     return loop.ckpt
 
 
-def evaluate_checkpoint(ckpt: str | Path, cfg: TrainConfig | None = None) -> dict:
-    """PSNR and codebook usage on the val split; writes val_metrics.json and reconstructions.png beside ckpt."""
+def evaluate_checkpoint(ckpt: str | Path, cfg: TrainConfig | None = None, out: str | Path | None = None) -> dict:
+    """PSNR and codebook usage on the val split; writes val_metrics.json and reconstructions.png to `out`
+    (default: beside the checkpoint)."""
     state = trainlib.load_checkpoint(ckpt, kind="vae")
     cfg = cfg or trainlib.config_from_checkpoint(TrainConfig, state["config"], ckpt)
     device = trainlib.pick_device(cfg.device)
     model = load_vae(ckpt).to(device)
     val_scenes = data.load_split(cfg.data, "val", cfg.resolution, limit=cfg.num_val)
     result = dict(step=state["step"], **evaluate(model, val_scenes, cfg.batch_size, device, cfg.amp))
-    out = Path(ckpt).parent
+    out = Path(out or Path(ckpt).parent)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "val_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     save_reconstructions(model, val_scenes, out / "reconstructions.png", device)
     print(f"step {result['step']}: val PSNR {result['psnr']:.2f} dB, codebook usage {result['codebook_usage']:.1%} "
@@ -513,20 +510,7 @@ def evaluate_checkpoint(ckpt: str | Path, cfg: TrainConfig | None = None) -> dic
 
 def main(argv: list[str] | None = None) -> None:
     torch.set_float32_matmul_precision("high")
-    try:
-        command, cfg, args = trainlib.parse_command_line(TrainConfig, PRESETS, list(sys.argv[1:] if argv is None
-                                                                                    else argv), __doc__, kind="vae")
-        validate(cfg)
-        if command == "eval":
-            if not args.ckpt:
-                raise InputError("eval needs --ckpt PATH (e.g. runs/vae/ckpt.pt, written by training)")
-            evaluate_checkpoint(args.ckpt, cfg)
-            return
-        ckpt = train(cfg, resume=args.resume, overwrite=args.overwrite)
-        if not args.no_eval:
-            evaluate_checkpoint(ckpt)
-    except InputError as e:
-        sys.exit(f"error: {e}")
+    trainlib.run_command_line(argv, TrainConfig, PRESETS, __doc__, "vae", validate, train, evaluate_checkpoint)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,7 @@ def test_sa_settings(argv, needle, tmp_path, monkeypatch):
     (["--dropout", "1"], "--dropout 1.0"),
     (["--channel-mult", "1,0"], "--channel-mult (1, 0)"),
     (["--resolution", "40"], "--resolution 40 gives a 10x10 latent"),   # checked before any VAE is trained
+    (["--encoder-from", "no_such_sa.pt"], "checkpoint no_such_sa.pt does not exist"),
 ])
 def test_slotdiff_settings(argv, needle, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -248,3 +249,17 @@ def test_an_interrupted_vae_stops_slotdiff_too(tmp_path, monkeypatch):
         slotdiff.main(["--resolution", "32", "--num-train", "8", "--num-val", "4", "--steps", "1", "--compile", "0",
                        "--device", "cpu", "--out", "run"])
     assert exit_info.value.code == 130 and not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_encoder_from_takes_a_matching_sa_encoder_and_names_every_difference(ckpts):
+    one_line_error(slotdiff.main, ["--preset", "cpu", "--encoder-from", str(ckpts / "sd.pt")],
+                   "is a slotdiff.py checkpoint, not a sa.py one")
+    trained = trainlib.load_checkpoint(ckpts / "sa.pt")["config"]["encoder"]
+    matching = sa.EncoderConfig(**trained)
+    encoder = sa.SlotEncoder(matching)
+    encoder.load_state_dict(slotdiff.trained_encoder(str(ckpts / "sa.pt"), matching))   # strict: every weight
+    stored = trainlib.load_checkpoint(ckpts / "sa.pt")["model"]
+    assert all(torch.equal(value, stored["encoder." + key]) for key, value in encoder.state_dict().items())
+    other = sa.EncoderConfig(**dict(trained, enc_channels=16, slot_init="learned"))
+    with pytest.raises(InputError, match=r"--slot-init learned here, gaussian there; --enc-channels 16 here, 8 there"):
+        slotdiff.trained_encoder(str(ckpts / "sa.pt"), other)

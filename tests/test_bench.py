@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 import trainlib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +37,22 @@ def test_two_variants_write_curves_picture_and_checkpoints(tmp_path):
     assert result["variants"]["implicit"]["config"]["encoder"]["slot_grad"] == "implicit"
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert "| cpu |" in run.stdout and "| implicit |" in run.stdout
+    edges = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_boundary.py"), "--ckpt",
+                            str(tmp_path / "curves-cpu" / "ckpt.pt")], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300)
+    assert edges.returncode == 0 and "over interior pixels" in edges.stdout, edges.stderr
+
+
+def test_interior_pixels_exclude_every_pixel_touching_another_object():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_boundary import interior_only
+    masks = torch.zeros(1, 7, 7, dtype=torch.long)
+    masks[0, 1:6, 1:6] = 1          # a 5x5 object on background
+    masks[0, 1:6, 5] = 2            # its right column is another object
+    inner = interior_only(masks)
+    expected = torch.zeros_like(masks)
+    expected[0, 2:5, 2:4] = 1       # object 1 loses its outer ring and the column next to object 2
+    assert torch.equal(inner, expected)
 
 
 def test_ctrl_c_keeps_the_results_so_far(tmp_path):

@@ -280,6 +280,14 @@ def test_image_without_mask_empty_and_missing_split(tmp_path):
         data.load_split(str(root), "test", 16, cache_dir=str(tmp_path / "cache"))
 
 
+def test_a_dataset_without_val_is_validated_on_its_test_split(tmp_path, capsys):
+    root = make_generic(tmp_path / "generic")
+    (root / "val").rename(root / "test")
+    scenes = data.load_split(str(root), "val", 16, cache_dir=str(tmp_path / "cache"))
+    assert len(scenes) == 1 and scenes.name.endswith(":test")
+    assert "no val split; validating on its test split" in capsys.readouterr().out
+
+
 def test_too_many_objects_is_an_error(tmp_path):
     root = make_generic(tmp_path / "generic")
     noise = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)

@@ -321,3 +321,16 @@ def test_segmentation_scores_average_over_all_images_of_all_batches():
                                                     for t, p in zip(true.numpy(), pred.numpy())]))
     assert summary["fg_ari"] == pytest.approx(metrics.ari(true, pred, foreground_only=True).mean().item())
     assert summary["mbo"] == pytest.approx(metrics.mbo(true[:4], pred[:4]).mean().item())
+
+
+def test_fid_stats_of_an_array_are_cached_by_content(tmp_path, monkeypatch, no_downloads):
+    noise, gradients = noise_and_gradient_images()
+    inception, passes = metrics._inception, []
+    monkeypatch.setattr(metrics, "_inception", lambda device: passes.append(1) or inception(device))
+    first = metrics.fid_stats(noise, device="cpu", cache_dir=str(tmp_path))
+    again = metrics.fid_stats(noise.copy(), device="cpu", cache_dir=str(tmp_path))   # same content: read back
+    assert len(passes) == 1 and len(list((tmp_path / "fid").glob("*.npz"))) == 1
+    for ours, cached in zip(first, again):
+        np.testing.assert_array_equal(ours, cached)
+    other = metrics.fid_stats(gradients, device="cpu", cache_dir=str(tmp_path))   # other content: computed
+    assert len(passes) == 2 and not np.allclose(other[0], first[0])

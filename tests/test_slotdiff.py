@@ -277,11 +277,12 @@ def test_cli_trains_resumes_exactly_and_evaluates(tmp_path, tiny_vae, monkeypatc
     monkeypatch.chdir(tmp_path)  # data and latent caches go to tmp_path/.cache
     fid_inputs = []  # FID itself is tested in test_metrics.py; its 2048x2048 sqrtm alone takes ~20 s on 2 cores
 
-    def fake_fid(real, fake, device=None, batch_size=32):
-        fid_inputs.append((np.asarray(real).shape, np.asarray(fake).shape))
-        return 1.0
+    def fake_stats(images, device=None, batch_size=32, name="", cache_dir=None):
+        fid_inputs.append(np.asarray(images).shape)
+        return np.asarray(images).shape
 
-    monkeypatch.setattr(slotdiff.metrics, "fid", fake_fid)
+    monkeypatch.setattr(slotdiff.metrics, "fid_stats", fake_stats)
+    monkeypatch.setattr(slotdiff.metrics, "fid", lambda real, fake, device=None, batch_size=32: 1.0)
     straight, split = tmp_path / "straight", tmp_path / "split"
     slotdiff.main(TINY_CLI + ["--vae", tiny_vae, "--steps", "4", "--out", str(straight), "--no-eval"])
     slotdiff.main(TINY_CLI + ["--vae", tiny_vae, "--steps", "2", "--out", str(split), "--no-eval"])
@@ -299,7 +300,7 @@ def test_cli_trains_resumes_exactly_and_evaluates(tmp_path, tiny_vae, monkeypatc
     result = json.loads((split / "val_metrics.json").read_text())
     for key in ("ari", "fg_ari", "mbo", "fg_ari_one_segment_baseline", "recon_mse", "fid", "val_loss"):
         assert np.isfinite(result[key]), key
-    assert fid_inputs == [((8, 16, 16, 3), (6, 16, 16, 3))]  # val images vs the generated ones
+    assert fid_inputs == [(8, 16, 16, 3), (6, 16, 16, 3)]  # val images vs the generated ones
     assert result["fg_ari_one_segment_baseline"] == 0.0  # one segment for all pixels: FG-ARI of a constant is 0
     for name in ("loss_curves.png", "reconstructions.png", "comp_grid.png"):
         assert (split / name).stat().st_size > 0
@@ -308,7 +309,7 @@ def test_cli_trains_resumes_exactly_and_evaluates(tmp_path, tiny_vae, monkeypatc
     # `eval` re-evaluates a checkpoint with its own settings; flags override them
     slotdiff.main(["eval", "--ckpt", str(split / "ckpt.pt"), "--num-gen", "3"])
     assert json.loads((split / "val_metrics.json").read_text())["generated_images"] == 3
-    assert fid_inputs[-1] == ((8, 16, 16, 3), (3, 16, 16, 3))
+    assert fid_inputs[-2:] == [(8, 16, 16, 3), (3, 16, 16, 3)]
 
 
 def test_without_vae_flag_a_vae_is_trained_once_then_reused(tmp_path, monkeypatch):
