@@ -319,13 +319,7 @@ def train_step(step_model: nn.Module, model: SlotAutoencoder, opt: torch.optim.O
         group["lr"] = lr_at(step, cfg)
     with trainlib.autocast(device, cfg.amp):
         loss = step_model(images)["loss"]
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if cfg.grad_clip > 0:
-        scaler.unscale_(opt)
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    scaler.step(opt)
-    scaler.update()
+    trainlib.optimizer_step(loss, opt, scaler, model.parameters(), cfg.grad_clip)
     return loss
 
 

@@ -620,13 +620,7 @@ def train(cfg: SDConfig, resume: str | None = None, overwrite: bool = False) -> 
         index = batch_indices(len(train_set), step, cfg.batch_size, cfg.seed, ddp.rank, ddp.world_size)
         with trainlib.autocast(device, cfg.amp):
             loss = step_model(images, train_latents[torch.from_numpy(index).to(device)])["loss"]
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.grad_clip > 0:
-            scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(opt)
-        scaler.update()
+        trainlib.optimizer_step(loss, opt, scaler, model.parameters(), cfg.grad_clip)
         loop.end_step(step + 1, loss, cfg.unet_lr * lr_scale(step, cfg),
                       evaluate=lambda: evaluate_loss_and_masks(model, val_set, val_latents, cfg, device,
                                                                limit=cfg.eval_images),

@@ -611,6 +611,18 @@ class TrainProgress:
         self.bar.close()
 
 
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler, parameters, grad_clip: float = 0.0) -> None:
+    """Backward through the AMP loss scaler, optional gradient-norm clipping (on unscaled gradients), then the
+    optimiser step: the same for every training script."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    scaler.step(opt)
+    scaler.update()
+
+
 def restore(state: dict, path: str | Path, master: bool = True, **parts) -> int:
     """Continues a training checkpoint exactly: loads each part's state (model=..., optimizer=..., scaler=..., the
     keys the checkpoint stores them under) and every random generator's state; returns the checkpoint's step."""
