@@ -556,7 +556,7 @@ def trained_encoder(path: str, cfg: EncoderConfig) -> dict[str, torch.Tensor]:
     settings as this run, so that a warm start never silently reshapes or reinterprets weights."""
     state = trainlib.load_checkpoint(path, kind="sa")
     trained, ours = state["config"]["encoder"], asdict(cfg)
-    differing = [f"--{key.replace('_', '-')} {ours[key]} here, {trained[key]} there" for key in ours
+    differing = [f"{trainlib.flag(key)} {ours[key]} here, {trained[key]} there" for key in ours
                  if key in trained and trained[key] != ours[key]]
     if differing:
         raise InputError(f"--encoder-from {path}: its slot encoder was trained with other settings "

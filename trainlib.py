@@ -172,7 +172,7 @@ def parse_command_line(cls, presets: dict, argv: list[str], description: str, ki
     hints, comments, defaults = leaf_types(cls), field_comments(cls), cls()
     for leaf, path in config_paths(cls).items():
         default = functools.reduce(getattr, path, defaults)
-        p.add_argument("--" + leaf.replace("_", "-"), type=flag_parser(hints[leaf]), default=None,
+        p.add_argument(flag(leaf), type=flag_parser(hints[leaf]), default=None,
                        metavar=leaf.upper(), help=f"{comments.get(leaf, '')} (default {default})".strip())
     args = p.parse_args(attach_negative_numbers(argv))
     base = {}
@@ -236,6 +236,7 @@ def with_overrides(cfg, overrides: dict):
 
 
 def flag(name: str) -> str:
+    """The command-line spelling of a config field: slot_dim -> --slot-dim."""
     return "--" + name.replace("_", "-")
 
 
@@ -270,8 +271,8 @@ def check_unchanged(cfg, stored: dict, what: str, path: str | Path) -> None:
             value = tuple(value)
         if key in current and current[key] != value:
             shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-            raise InputError(f"--{key.replace('_', '-')} {current[key]}: {path} was trained with "
-                             f"--{key.replace('_', '-')} {shown}, and {what} cannot change after training; drop "
+            raise InputError(f"{flag(key)} {current[key]}: {path} was trained with "
+                             f"{flag(key)} {shown}, and {what} cannot change after training; drop "
                              f"the flag")
 
 
