@@ -379,9 +379,10 @@ def train(cfg: SAConfig, resume: str | None = None, overwrite: bool = False) -> 
         start = trainlib.restore(state, resume, master, model=model, optimizer=opt, scaler=scaler)
     loop = trainlib.TrainLoop(cfg, start, Path(cfg.out), script="sa.py", title="Slot Attention + SBD",
                               resumed=bool(resume), master=master, world_size=ddp.world_size, device=device,
-                              images_per_step=cfg.batch_size * ddp.world_size, epoch_size=len(train_set))
+                              images_per_step=cfg.batch_size * ddp.world_size, epoch_size=len(train_set),
+                              compiled=cfg.compile)
 
-    step_model = torch.compile(model) if cfg.compile else model   # compiled view shares the parameters
+    step_model = trainlib.compile_model(model, cfg.compile)
     if ddp.world_size > 1:
         step_model = nn.parallel.DistributedDataParallel(step_model, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
     for step in loop.steps():

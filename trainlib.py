@@ -635,6 +635,37 @@ def restore(state: dict, path: str | Path, master: bool = True, **parts) -> int:
     return state["step"]
 
 
+COMPILE_CACHE = Path(".cache") / "inductor"
+
+
+def compile_model(model: torch.nn.Module, enabled: bool = True) -> torch.nn.Module:
+    """torch.compile, with the inductor's caches in the project's .cache/inductor instead of /tmp (which machines
+    clear), so only the first run on a machine pays the whole compilation; the compiled view shares the
+    parameters."""
+    if not enabled:
+        return model
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE.resolve()))
+    return torch.compile(model)
+
+
+def compile_notice(title: str) -> str:
+    """What to expect while the first step compiles: the time it took last time here, or the first-run cost."""
+    times = COMPILE_CACHE / "first_step_seconds.json"
+    last = json.loads(times.read_text()).get(title) if times.exists() else None
+    if last is None:
+        return ("compiling the training step (first run on this machine only: 1-3 minutes on 2 cores; later runs "
+                "reuse .cache/inductor)")
+    return f"compiling the training step (cached in .cache/inductor: ~{last:.0f} s last time)"
+
+
+def record_compile_time(title: str, seconds: float) -> None:
+    times = COMPILE_CACHE / "first_step_seconds.json"
+    with contextlib.suppress(OSError, ValueError):
+        known = json.loads(times.read_text()) if times.exists() else {}
+        times.parent.mkdir(parents=True, exist_ok=True)
+        times.write_text(json.dumps({**known, title: round(seconds, 1)}))
+
+
 class TrainLoop:
     """The bookkeeping every training script does around its own loop body, written once: the time budget, a
     progress bar with a true ETA, the metrics log, periodic evaluation with the loss-curve picture, atomic
@@ -650,7 +681,8 @@ class TrainLoop:
 
     def __init__(self, cfg, start: int, out: Path, script: str, title: str, resumed: bool = False,
                  master: bool = True, world_size: int = 1, device: torch.device | None = None,
-                 images_per_step: int = 1, epoch_size: int = 1):
+                 images_per_step: int = 1, epoch_size: int = 1, compiled: bool = False):
+        self.compiled = compiled
         self.cfg, self.start, self.out, self.script, self.title = cfg, start, Path(out), script, title
         self.master, self.world_size, self.device = master, world_size, device
         self.images_per_step, self.epoch_size = images_per_step, epoch_size
@@ -666,6 +698,8 @@ class TrainLoop:
         self.budget = TimeBudget(self.cfg.max_minutes)
         self.bar = TrainProgress(self.start, self.cfg.steps, self.cfg.max_minutes, disable=not self.master)
         step = self.start
+        if self.compiled and self.master:
+            self.bar.write(compile_notice(self.title))
         with self.interrupt:
             try:
                 while not self.finished:
@@ -680,6 +714,8 @@ class TrainLoop:
         out_of_time = self.budget.expired(self.world_size, self.device)
         last = done >= cfg.steps or out_of_time
         self.bar.update(done)
+        if self.compiled and self.master and done == self.start + 1:
+            record_compile_time(self.title, time.monotonic() - self.bar.began)
         epoch = done * self.images_per_step / self.epoch_size
         if done % cfg.log_every == 0 or last:
             if self.world_size > 1:  # log the loss of the global batch: the mean over the ranks' local losses

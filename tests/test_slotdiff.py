@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import data
+from errors import InputError
 import slotdiff
 import trainlib
 import vae
@@ -170,8 +171,18 @@ def test_sampler_with_an_oracle_denoiser_recovers_x0():
         a_bar = diffusion.alphas_cumprod[t].view(-1, 1, 1, 1)
         return (x - a_bar.sqrt() * x0) / (1 - a_bar).sqrt()
 
-    out = diffusion.sample(oracle, torch.zeros(2, 1, 1), (3, 4, 4), steps=7, progress=False)
+    out = diffusion.sample(oracle, torch.zeros(2, 1, 1), (3, 4, 4), steps=8, progress=False)
     torch.testing.assert_close(out, x0, rtol=1e-3, atol=1e-3)
+
+
+def test_respaced_chain_is_strided_and_ends_at_the_last_timestep():
+    diffusion = Diffusion(DiffusionConfig())
+    ts, a_bar, a_bar_prev = diffusion.chain(10)
+    assert ts.tolist() == list(range(99, 1000, 100))
+    torch.testing.assert_close(a_bar_prev[1:], diffusion.alphas_cumprod64[ts[:-1]])
+    assert torch.equal(diffusion.chain()[0], torch.arange(1000))   # all T: the plain chain
+    with pytest.raises(InputError, match="must divide the 1000-step schedule; use one of 1, 2, 4, 5, 8"):
+        diffusion.chain(300)
 
 
 def test_one_optimisation_step_lowers_the_loss():
