@@ -1,14 +1,19 @@
-"""Learning curves: val FG-ARI / ARI / mBO against wall-clock minutes of training, one line per variant.
+"""Learning curves: val FG-ARI / ARI / mBO against wall-clock minutes of training, one line per variant, for Slot
+Attention (sa.py, masks from the decoder) and SlotDiffusion (slotdiff.py, masks from the slot-attention maps).
 
     .venv/bin/python bench/bench_learning.py --data synthetic-clevr --minutes 20 --variants cpu gaussian-init implicit
+    .venv/bin/python bench/bench_learning.py --variants cpu slotdiff slotdiff-warm5 --minutes 15
     .venv/bin/python bench/bench_learning.py --variants cpu "lr2e-3: lr=2e-3 warmup=200" --seeds 0 1
 
-A variant is a named set of sa.py config overrides on top of `--preset` (VARIANTS below, or "name: key=value ...").
-Variants train in turn, `--slice` seconds each (round robin), so a machine that slows down slows every variant
-alike; a variant's minutes count only its own training steps (compilation included, evaluation excluded).
-Every `--eval-minutes` of a variant's training it is scored on the same first `--val-images` val scenes, and the
-JSON and the PNG are rewritten, so an interrupted run keeps everything measured so far. Each variant's final
-model is saved beside them as an sa.py checkpoint (`python sa.py eval --ckpt ...` draws its masks).
+A variant is a named set of config overrides on top of `--preset` (VARIANTS below, or "name: key=value ..." with
+the script's flag names). `model=slotdiff` makes it a SlotDiffusion run; `warm_minutes=M` trains sa.py for its
+first M minutes and then continues as SlotDiffusion whose slot encoder starts from that one (slotdiff.py
+--encoder-from, at equal total minutes). Variants train in turn, `--slice` seconds each (round robin), so a
+machine that slows down slows every variant alike; a variant's minutes count only its own training steps
+(compilation included; evaluation and SlotDiffusion's one-off VQ-VAE training excluded). Every `--eval-minutes`
+of a variant's training it is scored on the same first `--val-images` val scenes, and the JSON and the PNG are
+rewritten, so an interrupted run keeps everything measured so far. Each variant's final model is saved beside
+them as a checkpoint of its script (`python sa.py eval --ckpt ...` draws its masks).
 """
 import argparse
 import json
@@ -22,11 +27,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sa  # noqa: E402
+import slotdiff  # noqa: E402
 import trainlib  # noqa: E402
 from data import get_batch, load_split  # noqa: E402
 from errors import InputError  # noqa: E402
 
-# Ablations of the cpu preset (BO-QSA learned queries, 32x32, batch 16): each changes one choice.
+# Ablations of the cpu preset (BO-QSA learned queries, 32x32, batch 16): each changes one choice; then SlotDiffusion
+# with the same encoder recipe, from scratch and warm-started from 5 minutes of Slot Attention.
 VARIANTS = {
     "cpu": {},
     "gaussian-init": dict(slot_init="gaussian", slot_grad="full"),   # the paper's slot initialisation
@@ -34,19 +41,26 @@ VARIANTS = {
     "xavier": dict(weight_init="xavier"),                           # the official code's layer init
     "batch32": dict(batch_size=32),
     "res64-stride2": dict(resolution=64, enc_stride=2),
+    "slotdiff": dict(model="slotdiff"),
+    "slotdiff-warm5": dict(model="slotdiff", warm_minutes=5.0),
 }
+BENCH_KEYS = dict(model=str, warm_minutes=float)   # variant keys that are not config settings
 MARKS = (5, 10, 20)  # minutes reported in the table
 
 
 @dataclass
 class Run:
     name: str
-    cfg: sa.SAConfig
-    model: sa.SlotAutoencoder
+    cfg: sa.SAConfig | slotdiff.SDConfig   # the model being trained now
+    model: torch.nn.Module
     step_model: torch.nn.Module
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    step: int = 0
+    latents: tuple = ()         # SlotDiffusion: VAE latents of (train, val) and the VAE's hash
+    then: slotdiff.SDConfig | None = None   # warm start: the SlotDiffusion this run becomes at warm_seconds
+    warm_seconds: float = 0.0
+    step: int = 0               # steps of the current model
+    earlier_steps: int = 0      # steps of the Slot Attention phase of a warm start
     seconds: float = 0.0
     next_eval: float = 0.0
     curve: list = field(default_factory=list)
@@ -56,41 +70,145 @@ def safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
-def parse_variant(text: str) -> tuple[str, dict]:
-    """'name' from VARIANTS, or 'name: key=value key=value' with sa.py flag names -> (name, overrides)."""
+def parse_variant(text: str) -> tuple[str, dict, dict | list]:
+    """'name' from VARIANTS, or 'name: key=value ...' -> (name, bench options, config overrides: a dict, or for a
+    'name: ...' text the key=value strings, which are checked once the model is known)."""
     if ":" not in text:
         if text not in VARIANTS:
             raise InputError(f"unknown variant {text!r}; use one of {', '.join(VARIANTS)} or 'name: key=value ...'")
-        return text, VARIANTS[text]
+        items = VARIANTS[text]
+        return text, {k: v for k, v in items.items() if k in BENCH_KEYS}, {k: v for k, v in items.items()
+                                                                          if k not in BENCH_KEYS}
     name, _, spec = text.partition(":")
-    try:
-        return name.strip(), trainlib.parse_overrides(sa.SAConfig, spec.split())
-    except InputError as e:
-        raise InputError(f"variant {name.strip()!r}: {e}") from None
+    options, overrides = {}, []
+    for item in spec.split():
+        key, _, value = item.partition("=")
+        if key in BENCH_KEYS:
+            try:
+                options[key] = BENCH_KEYS[key](value)
+            except ValueError:
+                raise InputError(f"variant {name.strip()!r}: {item!r} is not a valid {key}") from None
+        else:
+            overrides.append(item)
+    return name.strip(), options, overrides
 
 
-def split_key(cfg: sa.SAConfig) -> tuple:
+def settings_for(cls, items: list[str]) -> list[str]:
+    """The --set items that apply to cls: all but those naming a setting of the other script only (so one --set
+    can shrink both models; a name neither script knows is still an error)."""
+    ours = trainlib.leaf_types(cls)
+    known = set(trainlib.leaf_types(sa.SAConfig)) | set(trainlib.leaf_types(slotdiff.SDConfig))
+    names = [item.partition("=")[0].strip().lstrip("-").replace("-", "_") for item in items]
+    return [item for item, name in zip(items, names) if name in ours or name not in known]
+
+
+def variant_configs(name: str, options: dict, overrides: dict | list, args, seed: int
+                    ) -> tuple[sa.SAConfig | slotdiff.SDConfig, slotdiff.SDConfig | None, float]:
+    """(the config trained first, the SlotDiffusion config a warm start continues with or None, and the seconds
+    after which it does)."""
+    model = options.get("model", "sa")
+    if model not in ("sa", "slotdiff"):
+        raise InputError(f"variant {name!r}: model={model!r}; use model=sa or model=slotdiff")
+    if options.get("warm_minutes", 0) and model != "slotdiff":
+        raise InputError(f"variant {name!r}: warm_minutes needs model=slotdiff")
+
+    def config(module, variant_overrides):
+        cls = module.SAConfig if module is sa else module.SDConfig
+        try:
+            parsed = (variant_overrides if isinstance(variant_overrides, dict)
+                      else trainlib.parse_overrides(cls, variant_overrides))
+            common = trainlib.parse_overrides(cls, settings_for(cls, args.set))
+        except InputError as e:
+            raise InputError(f"variant {name!r}: {e}") from None
+        return trainlib.make_config(cls, module.PRESETS[args.preset], common, parsed,
+                                    dict(data=args.data, seed=seed, max_minutes=0.0))
+
+    if model == "sa":
+        return config(sa, overrides), None, 0.0
+    sd_cfg = config(slotdiff, overrides)
+    if not options.get("warm_minutes"):
+        return sd_cfg, None, 0.0
+    # the Slot Attention phase: sa.py's preset with the SlotDiffusion's encoder (the variant's settings are its)
+    sa_cfg = replace(config(sa, {}), encoder=sd_cfg.encoder, num_train=sd_cfg.num_train, num_val=sd_cfg.num_val)
+    return sa_cfg, sd_cfg, options["warm_minutes"] * 60
+
+
+def split_key(cfg) -> tuple:
     return cfg.encoder.resolution, cfg.num_train, cfg.num_val
 
 
-def make_run(name: str, cfg: sa.SAConfig, device: torch.device) -> Run:
+def make_run(name: str, cfg, device: torch.device, splits: dict, latents: dict,
+             encoder_weights: dict | None = None) -> Run:
+    """A fresh model for cfg (sa.py's or slotdiff.py's); a SlotDiffusion's encoder may start from given weights."""
     torch.manual_seed(cfg.seed)
-    model = sa.SlotAutoencoder(cfg).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    step_model = torch.compile(model) if cfg.compile else model
+    train_set, val_set = splits[split_key(cfg)]
+    cfg = replace(cfg, encoder=sa.with_slots_for(train_set, cfg.encoder))
+    if isinstance(cfg, sa.SAConfig):
+        model = sa.SlotAutoencoder(cfg).to(device)
+        opt, run_latents = torch.optim.Adam(model.parameters(), lr=cfg.lr), ()
+    else:
+        cfg = replace(cfg, vae=slotdiff.ensure_vae(cfg))   # trained once per dataset (cached), not timed
+        if cfg.vae not in latents:
+            vqvae, vae_hash = slotdiff.load_frozen_vae(cfg, device)
+            latents[cfg.vae] = (slotdiff.cached_latents(vqvae, vae_hash, train_set, device, cfg.batch_size).to(device),
+                                slotdiff.cached_latents(vqvae, vae_hash, val_set, device, cfg.batch_size), vae_hash)
+        run_latents = latents[cfg.vae]
+        model = slotdiff.SlotDiffusion(cfg, run_latents[0].shape[1]).to(device)
+        if cfg.encoder_from and encoder_weights is None:   # a trained sa.py checkpoint, as slotdiff.py does
+            encoder_weights = slotdiff.trained_encoder(cfg.encoder_from, cfg.encoder)
+        if encoder_weights is not None:
+            model.encoder.load_state_dict(encoder_weights)
+        opt = slotdiff.make_optimizer(model, cfg)
+    step_model = trainlib.compile_model(model, cfg.compile)
     label = name if cfg.seed == 0 else f"{name} (seed {cfg.seed})"
-    return Run(label, cfg, model, step_model, opt, trainlib.make_grad_scaler(device, cfg.amp))
+    return Run(label, cfg, model, step_model, opt, trainlib.make_grad_scaler(device, cfg.amp), run_latents)
 
 
 def train_for(run: Run, seconds: float, budget: float, scenes, device: torch.device) -> None:
-    """Train until `seconds` more have passed, the budget is spent or it is time to evaluate."""
-    end = run.seconds + seconds
-    while run.seconds < min(end, budget, run.next_eval) and run.step < run.cfg.steps:
+    """Train until `seconds` more have passed, the budget is spent, it is time to evaluate or a warm start's Slot
+    Attention phase is over."""
+    end = min(run.seconds + seconds, budget, run.next_eval, run.warm_seconds if run.then else budget)
+    while run.seconds < end and run.step < run.cfg.steps:
         start = time.perf_counter()
-        images, _ = get_batch(scenes, run.step, run.cfg.batch_size, run.cfg.seed, device)
-        sa.train_step(run.step_model, run.model, run.opt, run.scaler, images, run.step, run.cfg, device).item()
+        if isinstance(run.cfg, sa.SAConfig):
+            images, _ = get_batch(scenes, run.step, run.cfg.batch_size, run.cfg.seed, device)
+            sa.train_step(run.step_model, run.model, run.opt, run.scaler, images, run.step, run.cfg, device).item()
+        else:
+            images, latents = slotdiff.batch_with_latents(scenes, run.latents[0], run.step, run.cfg, device)
+            slotdiff.train_step(run.step_model, run.model, run.opt, run.scaler, images, latents, run.step, run.cfg,
+                                device).item()
         run.seconds += time.perf_counter() - start
         run.step += 1
+
+
+def continue_as_slotdiff(run: Run, device: torch.device, splits: dict, latents: dict) -> Run:
+    """The end of a warm start's Slot Attention phase: a SlotDiffusion whose encoder is the trained one."""
+    new = make_run(run.name, run.then, device, splits, latents, encoder_weights=run.model.encoder.state_dict())
+    return replace(new, earlier_steps=run.step, seconds=run.seconds, next_eval=run.next_eval, curve=run.curve)
+
+
+def evaluate(run: Run, val_set, device: torch.device, limit: int) -> dict:
+    if isinstance(run.cfg, sa.SAConfig):
+        return sa.evaluate_masks(run.model, val_set, run.cfg, device, limit=limit)
+    return slotdiff.evaluate_loss_and_masks(run.model, val_set, run.latents[1], run.cfg, device, limit=limit)
+
+
+def record_scores(run: Run, val_set, device: torch.device, args) -> None:
+    scores = evaluate(run, val_set, device, args.val_images)
+    run.curve.append(dict(minutes=run.seconds / 60, step=run.earlier_steps + run.step,
+                          model="sa" if isinstance(run.cfg, sa.SAConfig) else "slotdiff", **scores))
+    print(f"{run.name:28s} {run.seconds / 60:5.1f} min  step {run.earlier_steps + run.step:6d}  FG-ARI "
+          f"{scores['fg_ari']:.3f}  ARI {scores['ari']:.3f}  mBO {scores['mbo']:.3f}  loss {scores['val_loss']:.4f}",
+          flush=True)
+
+
+def save_final(run: Run, out: Path) -> None:
+    ckpt = out.parent / f"{out.stem}-{safe_name(run.name)}" / "ckpt.pt"
+    if isinstance(run.cfg, sa.SAConfig):
+        state = sa.checkpoint_state(run.model, run.opt, run.scaler, run.step, run.cfg)
+    else:
+        state = slotdiff.checkpoint_state(run.model, run.opt, run.scaler, run.step, run.cfg, run.latents[2])
+    trainlib.save_checkpoint(state, ckpt)
 
 
 def value_at(curve: list[dict], minutes: float, key: str = "fg_ari") -> float | None:
@@ -104,8 +222,8 @@ def write_results(runs: list[Run], args, path: Path) -> None:
     result = dict(command="python bench/bench_learning.py " + " ".join(sys.argv[1:]), data=args.data,
                   preset=args.preset, minutes=args.minutes, val_images=args.val_images, threads=torch.get_num_threads(),
                   date=time.strftime("%Y-%m-%d %H:%M"), machine=os.uname().machine,
-                  variants={r.name: dict(config=sa.asdict(r.cfg), steps=r.step, seconds=r.seconds, curve=r.curve)
-                            for r in runs})
+                  variants={r.name: dict(config=sa.asdict(r.cfg), steps=r.earlier_steps + r.step, seconds=r.seconds,
+                                        curve=r.curve) for r in runs})
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, path)
@@ -121,10 +239,10 @@ def plot(runs: list[Run], args, png: Path) -> None:
     for run in runs:
         if run.curve:
             ax.plot([p["minutes"] for p in run.curve], [p["fg_ari"] for p in run.curve], marker="o", ms=3,
-                    label=f"{run.name} ({run.step} steps)")
+                    label=f"{run.name} ({run.earlier_steps + run.step} steps)")
     ax.set_xlabel("minutes of training (2 threads)" if torch.get_num_threads() == 2 else "minutes of training")
     ax.set_ylabel(f"val FG-ARI (first {args.val_images} images)")
-    ax.set_title(f"Slot Attention learning curves on {Path(args.data).name}, preset {args.preset}")
+    ax.set_title(f"Learning curves on {Path(args.data).name}, preset {args.preset}")
     ax.set_ylim(min(0.0, *(p["fg_ari"] for r in runs for p in r.curve)), 1.0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -140,7 +258,8 @@ def print_table(runs: list[Run]) -> None:
     for r in runs:
         cells = [value_at(r.curve, m) for m in MARKS]
         last = r.curve[-1] if r.curve else {}
-        print(f"| {r.name} | {r.step} | {r.seconds / max(1, r.step):.3f} | "
+        steps = r.earlier_steps + r.step
+        print(f"| {r.name} | {steps} | {r.seconds / max(1, steps):.3f} | "
               + " | ".join("-" if c is None else f"{c:.3f}" for c in cells)
               + f" | {last.get('ari', float('nan')):.3f} | {last.get('mbo', float('nan')):.3f} |")
 
@@ -162,46 +281,48 @@ def main() -> None:
     try:
         if args.minutes <= 0 or args.eval_minutes <= 0 or args.slice <= 0 or args.val_images < 1:
             raise InputError("--minutes, --eval-minutes, --slice and --val-images must be positive")
-        common = trainlib.parse_overrides(sa.SAConfig, args.set)
         device = trainlib.pick_device(args.device)
         torch._dynamo.config.cache_size_limit = 64  # one compiled graph per variant in this process
-        configs = [(name, trainlib.make_config(sa.SAConfig, sa.PRESETS[args.preset], common, overrides,
-                                               dict(data=args.data, seed=seed, max_minutes=0.0)))
-                   for text in args.variants for name, overrides in [parse_variant(text)] for seed in args.seeds]
-        splits = {}
-        for _, cfg in configs:  # each resolution's splits once (same data for every variant)
-            sa.validate(cfg)
+        configs = [(name, *variant_configs(name, options, overrides, args, seed))
+                   for text in args.variants for name, options, overrides in [parse_variant(text)]
+                   for seed in args.seeds]
+        splits, latents = {}, {}
+        for _, cfg, then, _ in configs:  # each resolution's splits once (same data for every variant)
+            for checked in (cfg, then) if then else (cfg,):
+                (sa if isinstance(checked, sa.SAConfig) else slotdiff).validate(checked)
             key = split_key(cfg)
             if key not in splits:
                 splits[key] = (load_split(args.data, "train", cfg.encoder.resolution, cfg.num_train),
                                load_split(args.data, "val", cfg.encoder.resolution, cfg.num_val))
-        runs = [make_run(name, replace(cfg, encoder=sa.with_slots_for(splits[split_key(cfg)][0], cfg.encoder)), device)
-                for name, cfg in configs]
+        runs = []
+        for name, cfg, then, warm_seconds in configs:
+            run = make_run(name, cfg, device, splits, latents)
+            runs.append(replace(run, then=then, warm_seconds=warm_seconds, next_eval=args.eval_minutes * 60))
         out = Path(args.out or Path(__file__).parent / "results" / f"learning-{Path(args.data).name}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         budget = args.minutes * 60
-        for r in runs:
-            r.next_eval = args.eval_minutes * 60
+        for r in runs:   # the starting point: ~0 from scratch, the trained encoder's score for a warm start
+            record_scores(r, splits[split_key(r.cfg)][1], device, args)
         print(f"{len(runs)} runs x {args.minutes:g} training minutes on {args.data}, round robin in "
               f"{args.slice:g}-second slices; results -> {out}")
         while any(r.seconds < budget and r.step < r.cfg.steps for r in runs):
-            for r in runs:
+            for i, r in enumerate(runs):
                 if r.seconds >= budget or r.step >= r.cfg.steps:
                     continue
                 train_set, val_set = splits[split_key(r.cfg)]
                 train_for(r, args.slice, budget, train_set, device)
                 finished = r.seconds >= budget or r.step >= r.cfg.steps
                 if finished:
-                    ckpt = out.parent / f"{out.stem}-{safe_name(r.name)}" / "ckpt.pt"
-                    trainlib.save_checkpoint(sa.checkpoint_state(r.model, r.opt, r.scaler, r.step, r.cfg), ckpt)
+                    save_final(r, out)
                 if r.seconds >= r.next_eval or finished:
-                    scores = sa.evaluate_masks(r.model, val_set, r.cfg, device, limit=args.val_images)
-                    r.curve.append(dict(minutes=r.seconds / 60, step=r.step, **scores))
+                    record_scores(r, val_set, device, args)
                     r.next_eval += args.eval_minutes * 60
-                    print(f"{r.name:28s} {r.seconds / 60:5.1f} min  step {r.step:6d}  FG-ARI {scores['fg_ari']:.3f}  "
-                          f"ARI {scores['ari']:.3f}  mBO {scores['mbo']:.3f}  loss {scores['val_loss']:.4f}",
-                          flush=True)
                     write_results(runs, args, out)
+                if r.then and r.seconds >= r.warm_seconds and not finished:
+                    print(f"{r.name}: {r.seconds / 60:.1f} minutes of Slot Attention done; its encoder now starts "
+                          f"SlotDiffusion", flush=True)
+                    runs[i] = continue_as_slotdiff(r, device, splits, latents)
+                    record_scores(runs[i], val_set, device, args)   # the handed-over encoder's attention maps
         print_table(runs)
         print(f"wrote {out} and {out.with_suffix('.png')}")
     except InputError as e:

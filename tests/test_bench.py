@@ -5,11 +5,13 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 import trainlib
+import vae
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "compile=0", "amp=0", "num_train=32", "num_val=8", "batch_size=4", "slot_dim=16",
@@ -31,7 +33,8 @@ def test_two_variants_write_curves_picture_and_checkpoints(tmp_path):
     for name, variant in result["variants"].items():
         minutes = [p["minutes"] for p in variant["curve"]]
         assert minutes and minutes == sorted(minutes) and minutes[-1] >= 0.03 - 1e-6   # ends at the budget
-        assert all(-1 <= p["fg_ari"] <= 1 and p["step"] > 0 for p in variant["curve"])
+        assert all(-1 <= p["fg_ari"] <= 1 for p in variant["curve"])
+        assert variant["curve"][0]["step"] == 0 and all(p["step"] > 0 for p in variant["curve"][1:])  # from 0
         state = trainlib.load_checkpoint(tmp_path / f"curves-{name}" / "ckpt.pt")
         assert state["step"] == variant["steps"] and state["config"] == variant["config"]
     assert result["variants"]["implicit"]["config"]["encoder"]["slot_grad"] == "implicit"
@@ -41,6 +44,25 @@ def test_two_variants_write_curves_picture_and_checkpoints(tmp_path):
                             str(tmp_path / "curves-cpu" / "ckpt.pt")], cwd=tmp_path, capture_output=True, text=True,
                            timeout=300)
     assert edges.returncode == 0 and "over interior pixels" in edges.stdout, edges.stderr
+
+
+def test_slotdiff_from_scratch_and_warm_started_from_slot_attention(tmp_path):
+    """A SlotDiffusion variant, and one that trains Slot Attention first and hands its encoder over: both write
+    curves (the warm one's Slot Attention points first) and slotdiff.py checkpoints."""
+    vae_cfg = trainlib.make_config(vae.TrainConfig, dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, n_embed=16))
+    torch.save(dict(kind="vae", model=vae.VQVAE(vae_cfg.model).state_dict(), config=asdict(vae_cfg)),
+               tmp_path / "vae.pt")
+    unet = f"model=slotdiff vae={tmp_path / 'vae.pt'} base_channels=16 channel_mult=1,2 num_res_blocks=1 head_dim=8"
+    run = bench(tmp_path, "--variants", f"sd: {unet}", f"warm: {unet} warm_minutes=0.02", "--minutes", "0.05",
+                "--eval-minutes", "0.01")
+    assert run.returncode == 0, run.stderr
+    variants = json.loads((tmp_path / "curves.json").read_text())["variants"]
+    assert {p["model"] for p in variants["sd"]["curve"]} == {"slotdiff"}
+    models = [p["model"] for p in variants["warm"]["curve"]]
+    assert models[0] == "sa" and models[-1] == "slotdiff" and models == sorted(models)   # sa points, then slotdiff
+    for name in ("sd", "warm"):
+        state = trainlib.load_checkpoint(tmp_path / f"curves-{name}" / "ckpt.pt", kind="slotdiff")
+        assert state["config"]["unet"]["base_channels"] == 16
 
 
 def test_interior_pixels_exclude_every_pixel_touching_another_object():
