@@ -337,6 +337,22 @@ def evaluate_masks(model: SlotAutoencoder, scenes: Scenes, cfg: SAConfig, device
         return _evaluate_masks(model, scenes, cfg, device, limit, progress)
 
 
+def attention_masks(attn: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Segmentation (B,H,W) from the last iteration's attention (B,K,N) over a square feature map: upsampled
+    bilinearly, argmax over slots (how SlotDiffusion, which has no mask decoder, is scored)."""
+    b, k, n = attn.shape
+    side = math.isqrt(n)
+    maps = attn.float().view(b, k, side, side)
+    if (side, side) != (height, width):
+        maps = F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=False)
+    return maps.argmax(dim=1)
+
+
+def decoder_masks(masks: torch.Tensor) -> torch.Tensor:
+    """Segmentation (B,H,W) from the decoder's alpha masks (B,K,1,H,W): argmax over slots (how sa.py is scored)."""
+    return masks.squeeze(2).argmax(dim=1)
+
+
 def _evaluate_masks(model, scenes, cfg, device, limit, progress) -> dict[str, float]:
     model.eval()
     n = min(len(scenes), limit) if limit else len(scenes)
@@ -348,7 +364,7 @@ def _evaluate_masks(model, scenes, cfg, device, limit, progress) -> dict[str, fl
         with trainlib.autocast(device, cfg.amp):
             out = model(images)
         loss += out["loss"].item() * len(images)
-        scores.update(true_masks, out["masks"].squeeze(2).argmax(dim=1))
+        scores.update(true_masks, decoder_masks(out["masks"]))
     model.train()
     return dict(val_loss=loss / n, **scores.summary())
 
@@ -429,7 +445,7 @@ def save_samples(model: SlotAutoencoder, scenes: Scenes, cfg: SAConfig, device: 
     rows = []
     for i in range(len(images)):
         rows += [to_uint8(images[i:i + 1] * 2 - 1)[0], to_uint8(out["recon"][i:i + 1])[0],
-                 colorize_masks(true_masks[i].cpu().numpy()), colorize_masks(masks[i].squeeze(1).argmax(0).cpu().numpy())]
+                 colorize_masks(true_masks[i].cpu().numpy()), colorize_masks(decoder_masks(masks[i:i + 1])[0].cpu().numpy())]
         rows += list(to_uint8(per_slot[i]))
     labels = ["input", "recon", "true", "pred"] + [f"slot {k}" for k in range(cfg.encoder.slots)]
     save_grid(np.stack(rows), str(path), nrow=4 + cfg.encoder.slots, labels=labels)

@@ -39,7 +39,7 @@ import vae
 from data import (Scenes, batch_indices, check_source, colorize_masks, get_batch, iterate_batches, load_split,
                   save_grid, to_uint8)
 from errors import InputError
-from sa import (EncoderConfig, SlotEncoder, check_resolution, composed_slots, save_and_score_composed,
+from sa import (EncoderConfig, SlotEncoder, attention_masks, check_resolution, composed_slots, save_and_score_composed,
                 validate_encoder, with_slots_for)
 
 
@@ -109,10 +109,12 @@ PRESETS = {
     "paper": dict(encoder=EncoderConfig(resolution=128), unet=UNetConfig(), batch_size=64, warmup=12_500,
                   steps=250_000),
     # a 2-core CPU: sa.py's measured cpu encoder recipe (32x32, BO-QSA learned queries), so the two models are
-    # compared on the same data; the VQ-VAE's cpu preset gives 8x8x3 latents, UNet levels 8/4/2
+    # compared on the same data; the VQ-VAE's cpu preset gives 8x8x3 latents, UNet levels 8/4/2. The encoder keeps
+    # the paper's 1e-4: warm-started from sa.py (--encoder-from), 4e-4 broke the handed-over binding within a
+    # minute and 2e-5 left it to decay (bench/bench_learning.py run 8, docs/results.md)
     "cpu": dict(encoder=sa.PRESETS["cpu"]["encoder"], num_train=5_000, num_val=500,
                 unet=UNetConfig(base_channels=32, channel_mult=(1, 2, 3), num_res_blocks=1, head_dim=32, dropout=0.0),
-                batch_size=16, lr=4e-4, unet_lr=4e-4, warmup=500, steps=100_000, max_minutes=20, log_every=25,
+                batch_size=16, lr=1e-4, unet_lr=4e-4, warmup=500, steps=100_000, max_minutes=20, log_every=25,
                 eval_every=500, eval_images=128, ckpt_every=500, sample_batch=250),
 }
 
@@ -438,16 +440,6 @@ class SlotDiffusion(nn.Module):
         """images (B,3,H,W) in [0,1] and their VAE latents -> denoising loss, slots, attention (B,K,N)."""
         slots, attn = self.encoder(images)
         return dict(loss=self.diffusion.loss(self.unet, latents, slots, t, noise), slots=slots, attn=attn)
-
-
-def attention_masks(attn: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Slot Attention maps (B,K,N) of a square feature map -> segmentation (B,H,W): upsample bilinearly, argmax."""
-    b, k, n = attn.shape
-    side = math.isqrt(n)
-    maps = attn.float().view(b, k, side, side)
-    if (side, side) != (height, width):
-        maps = F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=False)
-    return maps.argmax(dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------------

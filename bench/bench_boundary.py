@@ -1,12 +1,14 @@
-"""How much of a Slot Attention checkpoint's FG-ARI is lost at object edges.
+"""How much of a checkpoint's FG-ARI is lost at object edges, for each way of reading masks off it.
 
-    .venv/bin/python bench/bench_boundary.py --ckpt runs/sa/ckpt.pt
+    .venv/bin/python bench/bench_boundary.py --ckpt runs/sa/ckpt.pt         # decoder masks and attention maps
+    .venv/bin/python bench/bench_boundary.py --ckpt runs/slotdiff/ckpt.pt   # attention maps
 
-Prints FG-ARI over all foreground pixels (the metric sa.py reports) beside FG-ARI over interior pixels only
+Prints FG-ARI over all foreground pixels (the metric the scripts report) beside FG-ARI over interior pixels only
 (pixels whose four neighbours belong to the same true object), and the share of foreground pixels that lie on an
-edge. At 32x32 a CLEVR-like object is ~7 pixels wide, so a large share of its pixels are edge pixels, where the
-decoder's smooth masks and the pixel-exact truth disagree most: the gap between the two numbers is what a
-higher resolution can buy.
+edge. At 32x32 a CLEVR-like object is ~7 pixels wide, so a large share of its pixels are edge pixels, where
+smooth masks and the pixel-exact truth disagree most: the gap between the two numbers is what a higher
+resolution can buy. For a Slot Attention checkpoint it also scores the attention maps (the readout SlotDiffusion,
+which has no mask decoder, is scored by), so the two models can be compared on one readout.
 """
 import argparse
 import sys
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import metrics  # noqa: E402
 import sa  # noqa: E402
+import slotdiff  # noqa: E402
 import trainlib  # noqa: E402
 from data import iterate_batches, load_split  # noqa: E402
 from errors import InputError  # noqa: E402
@@ -35,26 +38,36 @@ def interior_only(true_masks: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default="runs/sa/ckpt.pt", help="a checkpoint written by sa.py")
+    p.add_argument("--ckpt", default="runs/sa/ckpt.pt", help="a checkpoint written by sa.py or slotdiff.py")
     args = p.parse_args()
     try:
-        cfg, model, _ = sa.load(args.ckpt)
+        kind = trainlib.load_checkpoint(args.ckpt).get("kind")
+        if kind == "slotdiff":
+            cfg, model, _, _ = slotdiff.load(args.ckpt)
+        else:
+            cfg, model, _ = sa.load(args.ckpt)
         scenes = load_split(cfg.data, "val", cfg.encoder.resolution, cfg.num_val)
     except InputError as e:
         sys.exit(f"error: {e}")
     torch.manual_seed(0)
-    all_pixels, interior, edge_share = [], [], []
+    readouts = dict(attention=lambda images: sa.attention_masks(model.encoder(images)[1], *images.shape[-2:]))
+    if kind != "slotdiff":
+        readouts = dict(decoder=lambda images: sa.decoder_masks(model(images)["masks"]), **readouts)
+    scores = {name: ([], []) for name in readouts}
+    edge_share = []
     for images, true_masks in iterate_batches(scenes, cfg.batch_size, torch.device("cpu")):
-        with trainlib.autocast(torch.device("cpu"), cfg.amp):
-            pred = model(images)["masks"].squeeze(2).argmax(dim=1)
         inner = interior_only(true_masks)
-        all_pixels.append(metrics.ari(true_masks, pred, foreground_only=True))
-        interior.append(metrics.ari(inner, pred, foreground_only=True))
         edge_share.append(1 - (inner > 0).sum((1, 2)) / (true_masks > 0).sum((1, 2)).clamp(min=1))
-    print(f"{args.ckpt} on {len(scenes)} val scenes of {cfg.data} at {cfg.encoder.resolution}x{cfg.encoder.resolution}: "
-          f"FG-ARI {torch.cat(all_pixels).mean():.3f} over all foreground pixels, "
-          f"{torch.cat(interior).mean():.3f} over interior pixels; "
-          f"{torch.cat(edge_share).mean():.1%} of foreground pixels are edge pixels")
+        for name, readout in readouts.items():
+            with trainlib.autocast(torch.device("cpu"), cfg.amp):
+                pred = readout(images)
+            scores[name][0].append(metrics.ari(true_masks, pred, foreground_only=True))
+            scores[name][1].append(metrics.ari(inner, pred, foreground_only=True))
+    print(f"{args.ckpt} on {len(scenes)} val scenes of {cfg.data} at {cfg.encoder.resolution}x"
+          f"{cfg.encoder.resolution}; {torch.cat(edge_share).mean():.1%} of foreground pixels are edge pixels")
+    for name, (all_pixels, interior) in scores.items():
+        print(f"  {name + ' masks:':17s} FG-ARI {torch.cat(all_pixels).mean():.3f} over all foreground pixels, "
+              f"{torch.cat(interior).mean():.3f} over interior pixels")
 
 
 if __name__ == "__main__":

@@ -227,23 +227,32 @@ def write_results(runs: list[Run], args, path: Path) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, path)
-    plot(runs, args, path.with_suffix(".png"))
+    plot(result, path.with_suffix(".png"))
 
 
-def plot(runs: list[Run], args, png: Path) -> None:
+def plot(result: dict, png: Path) -> None:
+    """FG-ARI against minutes from a results dict (as written to the JSON): one colour per variant, circles for
+    Slot Attention's decoder masks, triangles for SlotDiffusion's attention maps."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for run in runs:
-        if run.curve:
-            ax.plot([p["minutes"] for p in run.curve], [p["fg_ari"] for p in run.curve], marker="o", ms=3,
-                    label=f"{run.name} ({run.earlier_steps + run.step} steps)")
-    ax.set_xlabel("minutes of training (2 threads)" if torch.get_num_threads() == 2 else "minutes of training")
-    ax.set_ylabel(f"val FG-ARI (first {args.val_images} images)")
-    ax.set_title(f"Learning curves on {Path(args.data).name}, preset {args.preset}")
-    ax.set_ylim(min(0.0, *(p["fg_ari"] for r in runs for p in r.curve)), 1.0)
+    for name, variant in result["variants"].items():
+        curve = variant["curve"]
+        if not curve:
+            continue
+        line, = ax.plot([p["minutes"] for p in curve], [p["fg_ari"] for p in curve], lw=1.2,
+                        label=f"{name} ({variant['steps']} steps)")
+        for model, marker in (("sa", "o"), ("slotdiff", "^")):
+            points = [p for p in curve if p.get("model", "sa") == model]
+            ax.plot([p["minutes"] for p in points], [p["fg_ari"] for p in points], ls="", marker=marker, ms=4,
+                    color=line.get_color())
+    ax.set_xlabel("minutes of training (2 threads)" if result["threads"] == 2 else "minutes of training")
+    ax.set_ylabel(f"val FG-ARI (first {result['val_images']} images)")
+    ax.set_title(f"Learning curves on {Path(result['data']).name}, preset {result['preset']}\n"
+                 f"o: Slot Attention, decoder masks;  ^: SlotDiffusion, attention maps", fontsize=10)
+    ax.set_ylim(min(0.0, *(p["fg_ari"] for v in result["variants"].values() for p in v["curve"])), 1.0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

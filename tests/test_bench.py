@@ -43,7 +43,8 @@ def test_two_variants_write_curves_picture_and_checkpoints(tmp_path):
     edges = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_boundary.py"), "--ckpt",
                             str(tmp_path / "curves-cpu" / "ckpt.pt")], cwd=tmp_path, capture_output=True, text=True,
                            timeout=300)
-    assert edges.returncode == 0 and "over interior pixels" in edges.stdout, edges.stderr
+    assert edges.returncode == 0, edges.stderr
+    assert "decoder masks:" in edges.stdout and "attention masks:" in edges.stdout   # Slot Attention: both readouts
 
 
 def test_slotdiff_from_scratch_and_warm_started_from_slot_attention(tmp_path):
@@ -63,6 +64,11 @@ def test_slotdiff_from_scratch_and_warm_started_from_slot_attention(tmp_path):
     for name in ("sd", "warm"):
         state = trainlib.load_checkpoint(tmp_path / f"curves-{name}" / "ckpt.pt", kind="slotdiff")
         assert state["config"]["unet"]["base_channels"] == 16
+    edges = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_boundary.py"), "--ckpt",
+                            str(tmp_path / "curves-sd" / "ckpt.pt")], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300)
+    assert edges.returncode == 0, edges.stderr
+    assert "attention masks:" in edges.stdout and "decoder" not in edges.stdout   # SlotDiffusion has no decoder masks
 
 
 def test_interior_pixels_exclude_every_pixel_touching_another_object():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import data
+import sa
 from errors import InputError
 import slotdiff
 import trainlib
@@ -226,7 +227,7 @@ def test_attention_masks_upsample_and_argmax():
     for k in range(4):
         attn[0, k, k] = 0.7
     expected = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
-    torch.testing.assert_close(slotdiff.attention_masks(attn, 4, 4)[0], expected)
+    torch.testing.assert_close(sa.attention_masks(attn, 4, 4)[0], expected)
 
 
 def test_encoder_attention_sums_to_one_over_slots_and_gives_image_sized_masks():
@@ -235,7 +236,7 @@ def test_encoder_attention_sums_to_one_over_slots_and_gives_image_sized_masks():
     out = model(images, torch.randn(2, 3, 4, 4))
     assert out["attn"].shape == (2, 3, 16 * 16)
     torch.testing.assert_close(out["attn"].sum(dim=1), torch.ones(2, 256))
-    masks = slotdiff.attention_masks(out["attn"], 16, 16)
+    masks = sa.attention_masks(out["attn"], 16, 16)
     assert masks.shape == (2, 16, 16) and masks.dtype == torch.long
     assert 0 <= masks.min() and masks.max() < 3
 
