@@ -132,10 +132,8 @@ def validate(cfg: SDConfig) -> None:
                                        beta_schedule=("linear", "scaled_linear")))
     if cfg.num_val is not None and cfg.num_val < 2:
         raise InputError(f"--num-val {cfg.num_val}: FID needs at least 2 val images (default: the whole split)")
-    timesteps = cfg.diffusion.timesteps
-    if cfg.sample_steps is not None and (cfg.sample_steps > timesteps or timesteps % cfg.sample_steps):
-        raise InputError(f"--sample-steps {cfg.sample_steps} must divide the {timesteps}-step schedule; use one of "
-                         f"{', '.join(map(str, divisors(timesteps)))} (or leave it unset: all {timesteps})")
+    if cfg.sample_steps is not None:
+        respacing_stride(cfg.sample_steps, cfg.diffusion.timesteps)
     schedule = cfg.diffusion
     if not schedule.beta_start <= schedule.beta_end < 1:
         raise InputError(f"--beta-start {schedule.beta_start} / --beta-end {schedule.beta_end}: need "
@@ -164,8 +162,13 @@ def check_latent_size(cfg: SDConfig, downsample: int) -> None:
                          f"use a resolution divisible by {downsample * levels}")
 
 
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def respacing_stride(steps: int, timesteps: int) -> int:
+    """The stride of a --sample-steps chain: it must divide the schedule, so every step spans as many timesteps."""
+    if not 1 <= steps <= timesteps or timesteps % steps:
+        options = ", ".join(str(d) for d in range(1, timesteps + 1) if timesteps % d == 0)
+        raise InputError(f"--sample-steps {steps} must divide the {timesteps}-step schedule; use one of {options} "
+                         f"(or leave it unset: all {timesteps})")
+    return timesteps // steps
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -212,11 +215,8 @@ class Diffusion(nn.Module):
         `steps` < T (--sample-steps, not the assignment's setting) keeps every (T/steps)-th timestep, ending at
         T-1, and a_bar_prev of a sub-chain is the previous kept timestep's: strided DDPM respacing (Nichol &
         Dhariwal 2021), the same marginals in fewer, larger steps. steps == T is the plain chain."""
-        steps = steps or self.timesteps
-        if not 1 <= steps <= self.timesteps or self.timesteps % steps:
-            raise InputError(f"sampling steps {steps} must divide the {self.timesteps}-step schedule; use one of "
-                             f"{', '.join(map(str, divisors(self.timesteps)))}")
-        ts = torch.arange(self.timesteps - 1, -1, -(self.timesteps // steps)).flip(0)
+        stride = respacing_stride(steps or self.timesteps, self.timesteps)
+        ts = torch.arange(self.timesteps - 1, -1, -stride).flip(0)
         a_bar = self.alphas_cumprod64[ts]
         return ts, a_bar, torch.cat([torch.ones(1, dtype=torch.float64), a_bar[:-1]])
 

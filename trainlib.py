@@ -104,12 +104,16 @@ def leaf_types(cls) -> dict[str, Any]:
                                                          cls))[leaf] for leaf, path in config_paths(cls).items()}
 
 
+def setting_name(item: str) -> str:
+    """The config field a "key=value" override names: "--slot-grad=x" and "slot_grad=x" -> "slot_grad"."""
+    return item.partition("=")[0].strip().lstrip("-").replace("-", "_")
+
+
 def parse_overrides(cls, items: list[str]) -> dict:
     """["slot_grad=bo-qsa", "lr=1e-3", ...] -> typed overrides for cls (flag names, - or _)."""
     types_by_name, overrides = leaf_types(cls), {}
     for item in items:
-        key, _, value = item.partition("=")
-        key = key.strip().lstrip("-").replace("-", "_")
+        key, value = setting_name(item), item.partition("=")[2]
         if key not in types_by_name:
             raise InputError(f"{key!r} is not a setting of {cls.__name__}; use the names of the script's flags")
         try:
@@ -648,22 +652,28 @@ def compile_model(model: torch.nn.Module, enabled: bool = True) -> torch.nn.Modu
     return torch.compile(model)
 
 
+def compile_times() -> dict[str, float]:
+    """Seconds the first training step took last time, per model (compilation included), or {} if unknown."""
+    try:
+        return json.loads((COMPILE_CACHE / "first_step_seconds.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def compile_notice(title: str) -> str:
     """What to expect while the first step compiles: the time it took last time here, or the first-run cost."""
-    times = COMPILE_CACHE / "first_step_seconds.json"
-    last = json.loads(times.read_text()).get(title) if times.exists() else None
+    last = compile_times().get(title)
     if last is None:
-        return ("compiling the training step (first run on this machine only: 1-3 minutes on 2 cores; later runs "
-                "reuse .cache/inductor)")
+        return ("compiling the training step (first run on this machine only: up to ~1 minute on 2 cores; later "
+                "runs reuse .cache/inductor)")
     return f"compiling the training step (cached in .cache/inductor: ~{last:.0f} s last time)"
 
 
 def record_compile_time(title: str, seconds: float) -> None:
-    times = COMPILE_CACHE / "first_step_seconds.json"
-    with contextlib.suppress(OSError, ValueError):
-        known = json.loads(times.read_text()) if times.exists() else {}
-        times.parent.mkdir(parents=True, exist_ok=True)
-        times.write_text(json.dumps({**known, title: round(seconds, 1)}))
+    with contextlib.suppress(OSError):
+        COMPILE_CACHE.mkdir(parents=True, exist_ok=True)
+        (COMPILE_CACHE / "first_step_seconds.json").write_text(json.dumps({**compile_times(),
+                                                                           title: round(seconds, 1)}))
 
 
 class TrainLoop:

@@ -18,6 +18,7 @@ them as a checkpoint of its script (`python sa.py eval --ckpt ...` draws its mas
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -98,8 +99,7 @@ def settings_for(cls, items: list[str]) -> list[str]:
     can shrink both models; a name neither script knows is still an error)."""
     ours = trainlib.leaf_types(cls)
     known = set(trainlib.leaf_types(sa.SAConfig)) | set(trainlib.leaf_types(slotdiff.SDConfig))
-    names = [item.partition("=")[0].strip().lstrip("-").replace("-", "_") for item in items]
-    return [item for item, name in zip(items, names) if name in ours or name not in known]
+    return [item for item in items if trainlib.setting_name(item) in ours or trainlib.setting_name(item) not in known]
 
 
 def variant_configs(name: str, options: dict, overrides: dict | list, args, seed: int
@@ -219,7 +219,7 @@ def value_at(curve: list[dict], minutes: float, key: str = "fg_ari") -> float | 
 
 
 def write_results(runs: list[Run], args, path: Path) -> None:
-    result = dict(command="python bench/bench_learning.py " + " ".join(sys.argv[1:]), data=args.data,
+    result = dict(command="python bench/bench_learning.py " + shlex.join(sys.argv[1:]), data=args.data,
                   preset=args.preset, minutes=args.minutes, val_images=args.val_images, threads=torch.get_num_threads(),
                   date=time.strftime("%Y-%m-%d %H:%M"), machine=os.uname().machine,
                   variants={r.name: dict(config=sa.asdict(r.cfg), steps=r.earlier_steps + r.step, seconds=r.seconds,
