@@ -102,13 +102,14 @@ def bench_ddpm(args, device: torch.device, scratch: Path) -> None:
     model = slotdiff.SlotDiffusion(cfg).to(device).eval()
     latent_size = cfg.encoder.resolution // vae.PRESETS["cpu"]["model"].downsample
     unet, diffusion, latent_shape = model.unet, model.diffusion, (3, latent_size, latent_size)
-    slots = torch.randn(args.batch, cfg.encoder.slots, cfg.encoder.slot_dim, device=device)
+    slots_per_scene = cfg.encoder.slots or 7   # --slots 0 = from the data: 7 on synthetic-clevr
+    slots = torch.randn(args.batch, slots_per_scene, cfg.encoder.slot_dim, device=device)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         unet(torch.randn(args.batch, *latent_shape, device=device), torch.zeros(args.batch, dtype=torch.long,
                                                                                  device=device), slots)
     flops = counter.get_total_flops() * args.steps
     print(f"DDPM sampling, slotdiff cpu-preset UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, "
-          f"latent {latent_shape}, K={cfg.encoder.slots}), batch {args.batch}, {args.steps}-step chains extrapolated to "
+          f"latent {latent_shape}, K={slots_per_scene}), batch {args.batch}, {args.steps}-step chains extrapolated to "
           f"1000 steps; {counter.get_total_flops() / args.batch / 1e9:.3f} GFLOP per image per step")
 
     start = time.perf_counter()
