@@ -3,12 +3,14 @@
     python export.py --ckpt runs/sa/ckpt.pt --format onnx         # Spatial Broadcast Decoder: slots -> image, masks
     python export.py --ckpt runs/slotdiff/ckpt.pt --format onnx   # UNet denoiser, one DDPM step, VAE decoder
     python export.py --ckpt CKPT --format torchscript|pt2 [--fp16]
-    python export.py fid --ckpt runs/slotdiff/ckpt.pt             # compositional generation through ORT + FID
+    python export.py fid --ckpt runs/slotdiff/ckpt.pt [--backend auto|onnxruntime|torch]   # generation + FID
     python export.py fid-sa --ckpt runs/sa/ckpt.pt
 
 Files land next to the checkpoint, named after it: runs/sa/ckpt_decoder.onnx, runs/slotdiff/ckpt_unet.onnx, ...
 Every graph has a dynamic batch dimension (K, the image and latent sizes are fixed by the checkpoint) and is
-checked after export against the PyTorch module on random inputs of another batch size (max abs diff printed).
+checked after export against the PyTorch module on random inputs of another batch size (max abs diff printed),
+then renamed into place. ONNX files carry the hash of the checkpoint they come from: `fid` re-exports a stale one
+and refuses another model's file in its place.
 
 Choices, and why:
   * ONNX comes from the dynamo exporter (torch.onnx.export(dynamo=True), opset 18). The legacy TorchScript-based
@@ -27,11 +29,16 @@ Choices, and why:
     the entrance of every layer), so the sampler's 1000-step state and update stay fp32, as under autocast.
     It is meant for GPUs; ORT's CPU provider runs fp16 graphs by casting most ops back to fp32, so the CPU
     check only shows the graph is sound and its fp16 weights are close, not how fp16 arithmetic behaves.
+  * `fid` samples on ONNX Runtime's CUDA provider on a GPU. On a CPU it times 5 DDPM steps of ONNX Runtime fp32
+    and of compiled bf16 PyTorch and uses the faster: on a CPU with bf16 instructions that is PyTorch (1.4x on
+    the 2-core test machine, docs/results.md), and no ORT session setting closed the gap there (graph
+    optimisation level: ALL with its NCHWc layouts is 2x BASIC/EXTENDED; thread spinning on: 1.1x off).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import sys
 import time
@@ -54,6 +61,9 @@ from errors import InputError
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2"}
 OPSET = 18
+BACKENDS = ("auto", "onnxruntime", "torch")
+PROBE_STEPS = 5   # DDPM steps each backend is timed on before `fid --backend auto` picks one (5 divides T=1000)
+SOURCE_KEY = "source_checkpoint_sha256"   # ONNX metadata: which checkpoint a graph was exported from
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
 
@@ -274,21 +284,71 @@ def export_checkpoint(ckpt: str | Path, fmt: str = "onnx", fp16: bool = False,
     kind, cfg, model, vqvae = load_any(ckpt)
     graphs = sa_graphs(cfg, model) if kind == "sa" else slotdiff_graphs(cfg, model, vqvae, with_step=fmt == "onnx")
     ckpt = Path(ckpt)
+    source = trainlib.file_hash(ckpt)
     results = {}
     for graph in graphs:
-        path = ckpt.with_name(f"{ckpt.stem}_{graph.name}{'_fp16' if fp16 else ''}{FORMATS[fmt]}")
+        path = graph_path(ckpt, graph.name, fmt, fp16)
+        partial = path.with_name(f".partial-{path.name}")  # renamed into place once checked: never half-written
         start = time.perf_counter()
         module = conv_transpose_as_conv(graph.module) if fmt == "onnx" else graph.module
         exported = replace(graph, module=to_float16(module) if fp16 else module)
-        export_graph(exported, path, fmt)
-        diff = check_export(exported, path, fmt, graph.module)
+        try:
+            export_graph(exported, partial, fmt)
+            if fmt == "onnx":
+                stamp_source(partial, source)
+            diff = check_export(exported, partial, fmt, graph.module)
+            if not diff <= tolerance:
+                raise InputError(f"the export of {graph.name} differs from the PyTorch model by {diff:.2e} > "
+                                 f"{tolerance:.0e}; this is a bug in the export (please report it)")
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
         print(f"{kind} {graph.name}: wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, "
               f"{time.perf_counter() - start:.0f} s); max abs diff vs PyTorch fp32 {diff:.2e}", flush=True)
-        if not diff <= tolerance:
-            raise InputError(f"{path} differs from the PyTorch model by {diff:.2e} > {tolerance:.0e}; this is a bug "
-                             f"in the export (please report it), do not use the file")
         results[graph.name] = (path, diff)
     return results
+
+
+def graph_path(ckpt: Path, name: str, fmt: str = "onnx", fp16: bool = False) -> Path:
+    return ckpt.with_name(f"{ckpt.stem}_{name}{'_fp16' if fp16 else ''}{FORMATS[fmt]}")
+
+
+def stamp_source(path: Path, source: str) -> None:
+    """Writes into the ONNX file's metadata the content hash of the checkpoint it comes from, so that a graph
+    exported before the checkpoint changed is known to be stale."""
+    import onnx
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, {SOURCE_KEY: source})
+    onnx.save(model, str(path))
+
+
+def onnx_source(path: Path) -> str | None:
+    """The checkpoint hash stamped in an ONNX file; None when it has none (not written by this script)."""
+    import onnx
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}.get(SOURCE_KEY)
+
+
+def onnx_inputs(path: Path) -> str:
+    """An ONNX file's inputs as 'name[dims]', a dynamic first dimension named 'batch' (the exporter calls it s0...)."""
+    import onnx
+    described = []
+    for tensor in onnx.load(str(path), load_external_data=False).graph.input:
+        dims = [d.dim_param or str(d.dim_value) for d in tensor.type.tensor_type.shape.dim]
+        if dims and tensor.type.tensor_type.shape.dim[0].dim_param:
+            dims[0] = "batch"
+        described.append(f"{tensor.name}[{','.join(dims)}]")
+    return ", ".join(described)
+
+
+def expected_inputs(graph: Graph) -> str:
+    """The inputs the graph's ONNX file has, in onnx_inputs' format."""
+    described = []
+    for name, tensor in graph.make_inputs(1).items():
+        dims = [str(d) for d in tensor.shape]
+        if name not in graph.unbatched:
+            dims[0] = "batch"
+        described.append(f"{name}[{','.join(dims)}]")
+    return ", ".join(described)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -329,11 +389,26 @@ def ort_decode(session, inputs: dict[str, torch.Tensor], output: str, shape: tup
 # ----------------------------------------------------------------------------------------------------------
 # compositional generation through the exported graphs + FID
 
-def onnx_file(ckpt: Path, name: str) -> Path:
-    """The checkpoint's ONNX graph, (re-)exported when it is missing or older than the checkpoint."""
-    path = ckpt.with_name(f"{ckpt.stem}_{name}.onnx")
-    if not path.exists() or path.stat().st_mtime < ckpt.stat().st_mtime:
-        export_checkpoint(ckpt, "onnx")
+def onnx_file(ckpt: Path, graph: Graph) -> Path:
+    """The checkpoint's ONNX file of `graph`, exported when missing and re-exported when stale (stamped with
+    another checkpoint's hash, or written before files were stamped). A file of another model in its place
+    (other inputs, no stamp) is refused, not overwritten."""
+    path = graph_path(ckpt, graph.name)
+    if path.exists():
+        try:
+            source = onnx_source(path)
+        except Exception:   # truncated or not ONNX at all: nothing worth keeping
+            source, found = None, None
+        else:
+            found = onnx_inputs(path)
+        if source == trainlib.file_hash(ckpt):
+            return path
+        if source is None and found is not None and found != expected_inputs(graph):
+            raise InputError(f"{path} is not an export of {ckpt}: its inputs are {found}, this checkpoint's "
+                             f"{graph.name} takes {expected_inputs(graph)}; move it away and run again")
+        print(f"{path} was exported from {'another version of' if source else 'an unknown'} checkpoint; "
+              f"re-exporting it from {ckpt}", flush=True)
+    export_checkpoint(ckpt, "onnx")
     return path
 
 
@@ -346,7 +421,7 @@ def fid_sa(ckpt: Path, num_gen: int | None, device: torch.device) -> float:
     """sa.py's compositional generation with the Spatial Broadcast Decoder on ONNX Runtime, then FID."""
     require_checkpoint(ckpt, "`make demo` (or `python sa.py --preset cpu --out runs/sa`)")
     cfg, model, _ = sa.load(ckpt, device=device)
-    session = ort_session(onnx_file(ckpt, "decoder"), device)
+    session = ort_session(onnx_file(ckpt, sa_graphs(cfg, model)[0]), device)
     resolution = cfg.encoder.resolution
     train_set = load_split(cfg.data, "train", resolution, cfg.num_train)
     val_set = load_split(cfg.data, "val", resolution, cfg.num_val)
@@ -359,35 +434,94 @@ def fid_sa(ckpt: Path, num_gen: int | None, device: torch.device) -> float:
     return report_fid(images, val_set.images, ckpt, device)
 
 
-def fid_slotdiff(ckpt: Path, num_gen: int | None, sample_steps: int | None, device: torch.device) -> float:
-    """slotdiff.py's compositional generation with the DDPM step and the VAE decoder on ONNX Runtime, then FID."""
+def ort_sampler(ckpt: Path, cfg: slotdiff.SDConfig, model: slotdiff.SlotDiffusion, vqvae, device: torch.device,
+                steps: int | None = None, progress: bool = True) -> tuple[Callable, Callable]:
+    """sample(slots, latent_shape, seed) and decode(latents) for slotdiff.generate, on ONNX Runtime."""
+    graphs = {graph.name: graph for graph in slotdiff_graphs(cfg, model, vqvae, with_step=True)}
+    step_session = ort_session(onnx_file(ckpt, graphs["ddpm_step"]), device)
+    decoder_session = ort_session(onnx_file(ckpt, graphs["vae_decoder"]), device)
+    resolution = cfg.encoder.resolution
+
+    def sample(slots: torch.Tensor, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
+        return ort_sample(step_session, model.diffusion, slots, shape, seed=seed, steps=steps or cfg.sample_steps,
+                          progress=progress)
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        return ort_decode(decoder_session, dict(latents=latents), "image", (len(latents), 3, resolution, resolution))
+    return sample, decode
+
+
+def ms_per_step(samplers: dict[str, Callable], slots: torch.Tensor, shape: tuple[int, int, int], steps: int,
+                rounds: int = 2) -> dict[str, float]:
+    """Milliseconds per DDPM step of each `steps`-step sampler on these slots: best of `rounds`, interleaved, after
+    a warm-up call (compilation, ORT's first allocations). Chains, not single steps: ORT's threads spin for a
+    while after a run, which would slow a PyTorch step timed right after it."""
+    best = {}
+    for name, sample in samplers.items():
+        sample(slots, shape, 0)
+        best[name] = math.inf
+    for _ in range(rounds):
+        for name, sample in samplers.items():
+            start = time.perf_counter()
+            sample(slots, shape, 0)
+            best[name] = min(best[name], (time.perf_counter() - start) * 1000 / steps)
+    return best
+
+
+def pick_sampler(backend: str, ckpt: Path, cfg: slotdiff.SDConfig, model: slotdiff.SlotDiffusion, vqvae,
+                 device: torch.device, slots: torch.Tensor) -> tuple[str, Callable, Callable | None]:
+    """(its name, sample, decode) on the chosen backend. "auto" is ONNX Runtime on a GPU (CUDA provider, I/O
+    binding); on a CPU it times a few DDPM steps of each backend on `slots` (one sampling batch) and takes the
+    faster, since which one wins depends on the processor (ORT's CPU provider has no bf16 kernels, inductor has)."""
+    batch = len(slots)
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}[trainlib.amp_dtype(device)] if cfg.amp else "fp32"
+    torch_name = f"PyTorch {'compiled' if cfg.compile else 'eager'} {precision}"
+    if backend == "auto" and device.type == "cuda":
+        backend, why = "onnxruntime", "ONNX Runtime's CUDA provider with I/O binding, the GPU path"
+    elif backend == "auto":
+        steps = PROBE_STEPS
+        chains = {"onnxruntime": ort_sampler(ckpt, cfg, model, vqvae, device, steps, progress=False)[0],
+                  "torch": slotdiff.pytorch_sampler(model, cfg, device, steps, progress=False)}
+        print(f"timing DDPM steps of ONNX Runtime fp32 and {torch_name} at batch {batch}...", flush=True)
+        shape = (vqvae.cfg.embed_dim, *[cfg.encoder.resolution // vqvae.cfg.downsample] * 2)
+        times = ms_per_step(chains, slots.to(device), shape, steps)
+        backend = min(times, key=times.get)
+        why = (f"{times['torch']:.1f} ms/step vs ONNX Runtime fp32 {times['onnxruntime']:.1f}" if backend == "torch"
+               else f"{times['onnxruntime']:.1f} ms/step vs {torch_name} {times['torch']:.1f}")
+        why += f", measured just now at batch {batch}"
+    else:
+        why = "--backend"
+    label = torch_name if backend == "torch" else "ONNX Runtime"
+    print(f"sampling backend: {label} ({why})", flush=True)
+    if backend == "torch":
+        return label, slotdiff.pytorch_sampler(model, cfg, device), None   # None: slotdiff.generate's VAE decoder
+    return label, *ort_sampler(ckpt, cfg, model, vqvae, device)
+
+
+def fid_slotdiff(ckpt: Path, num_gen: int | None, sample_steps: int | None, device: torch.device,
+                 backend: str = "auto") -> float:
+    """slotdiff.py's compositional generation (1000-step DDPM, VAE decode) on the fastest backend, then FID."""
     require_checkpoint(ckpt, "`python slotdiff.py --preset cpu --out runs/slotdiff`")
     cfg, model, vqvae, _ = slotdiff.load(ckpt, device=device)
     cfg = replace(cfg, sample_steps=sample_steps or cfg.sample_steps)
-    step_session = ort_session(onnx_file(ckpt, "ddpm_step"), device)
-    decoder_session = ort_session(onnx_file(ckpt, "vae_decoder"), device)
     resolution = cfg.encoder.resolution
     train_set = load_split(cfg.data, "train", resolution, cfg.num_train)
     val_set = load_split(cfg.data, "val", resolution, cfg.num_val)
     sa.check_resolution(val_set, cfg.encoder)
     torch.manual_seed(cfg.seed)
     slots = sa.composed_slots(model.encoder, train_set, num_gen or cfg.num_gen or len(val_set), cfg, device)
-
-    def sample(chunk: torch.Tensor, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
-        return ort_sample(step_session, model.diffusion, chunk, shape, seed=seed, steps=cfg.sample_steps)
-
-    def decode(latents: torch.Tensor) -> torch.Tensor:
-        return ort_decode(decoder_session, dict(latents=latents), "image", (len(latents), 3, resolution, resolution))
+    label, sample, decode = pick_sampler(backend, ckpt, cfg, model, vqvae, device, slots[:cfg.sample_batch])
     images = slotdiff.generate(model, vqvae, slots, cfg, device, sample=sample, decode=decode)
-    return report_fid(images, val_set.images, ckpt, device)
+    return report_fid(images, val_set.images, ckpt, device, label)
 
 
-def report_fid(generated: np.ndarray, real: np.ndarray, ckpt: Path, device: torch.device) -> float:
-    grid = ckpt.with_name(f"{ckpt.stem}_comp_grid_onnx.png")
+def report_fid(generated: np.ndarray, real: np.ndarray, ckpt: Path, device: torch.device,
+               backend: str = "ONNX Runtime") -> float:
+    grid = ckpt.with_name(f"{ckpt.stem}_comp_grid_fid.png")   # the first 64 of the images FID compares
     save_grid(generated[:64], str(grid), nrow=8)
     real_stats = metrics.fid_stats(real, device=str(device), name="val", cache_dir=".cache")
     score = metrics.fid(real_stats, generated, device=str(device))
-    print(f"compositional FID through ONNX Runtime ({len(generated)} generated vs {len(real)} val images): "
+    print(f"compositional FID, generated with {backend} ({len(generated)} generated vs {len(real)} val images): "
           f"{score:.2f}\nwrote {grid}")
     return score
 
@@ -406,6 +540,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-gen", type=int, help="fid: images to generate (default: as many as val images)")
     p.add_argument("--sample-steps", type=int, help="fid: a respaced DDPM chain of this many steps (default: all T)")
     p.add_argument("--device", default="auto", help="fid: where the encoder and ONNX Runtime run")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="fid: DDPM sampling on ONNX Runtime, PyTorch, or (auto) the faster of the two, timed on this "
+                        "machine (ONNX Runtime's CUDA provider on a GPU)")
     args = p.parse_args(argv)
     try:
         if not args.ckpt:
@@ -413,7 +550,8 @@ def main(argv: list[str] | None = None) -> None:
         if command == "export":
             export_checkpoint(args.ckpt, args.format, args.fp16)
         elif command == "fid":
-            fid_slotdiff(Path(args.ckpt), args.num_gen, args.sample_steps, trainlib.pick_device(args.device))
+            fid_slotdiff(Path(args.ckpt), args.num_gen, args.sample_steps, trainlib.pick_device(args.device),
+                         args.backend)
         else:
             fid_sa(Path(args.ckpt), args.num_gen, trainlib.pick_device(args.device))
     except InputError as e:

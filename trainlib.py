@@ -13,6 +13,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import hashlib
 import inspect
 import json
 import math
@@ -390,6 +391,15 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
 
 
 SCRIPTS = {"sa": "sa.py", "slotdiff": "slotdiff.py", "vae": "vae.py"}  # checkpoint kind -> the script that writes it
+
+
+def file_hash(path: str | Path) -> str:
+    """A short content hash: names what a cache or an exported graph was made from."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def load_checkpoint(path: str | Path, map_location="cpu", kind: str | None = None) -> dict:

@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/bench_export.py [--batch 16] [--steps 20] [--rounds 3] [--threads N] [--device auto]
 
-1. DDPM sampling with slotdiff's cpu-preset UNet (random weights: speed does not depend on them): the PyTorch
+1. DDPM sampling with slotdiff's cpu-preset UNet (random weights: speed does not depend on them; --ckpt for a
+   trained one, whose samples the max |diff| column compares across backends for one seed): the PyTorch
    sampler (slotdiff.Diffusion.sample) eager in fp32 and in bf16 autocast (how slotdiff.py samples), compiled
    (torch.compile) in both, and export.ort_sample with the ddpm_step graph. Each variant runs a --steps chain;
    images/s are extrapolated to the full 1000-step chain (every step costs the same: one UNet call + update).
@@ -71,11 +72,13 @@ def cuda_graph_sampler(unet: torch.nn.Module, diffusion: slotdiff.Diffusion, slo
     return sample
 
 
-def run_rounds(variants: dict, rounds: int, device: torch.device) -> dict[str, float]:
-    """Median seconds per call of each variant, variants interleaved in every round."""
-    for fn in variants.values():  # warm-up: compilation, ORT session set-up, allocator growth
-        fn()
+def run_rounds(variants: dict, rounds: int, device: torch.device) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds per call of each variant, variants interleaved in every round; and the max abs difference
+    of each variant's output (same inputs, same seed) from the first variant's."""
+    outputs = {name: fn().float().clone() for name, fn in variants.items()}  # warm-up: compilation, ORT set-up
     sync(device)
+    reference = next(iter(outputs.values()))
+    diffs = {name: (out - reference).abs().max().item() for name, out in outputs.items()}
     times = {name: [] for name in variants}
     for _ in range(rounds):
         for name, fn in variants.items():
@@ -83,32 +86,38 @@ def run_rounds(variants: dict, rounds: int, device: torch.device) -> dict[str, f
             fn()
             sync(device)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: statistics.median(t) for name, t in times.items()}, diffs
 
 
-def print_table(seconds: dict[str, float], images: int, flops_per_call: float, unit: str, peak: float | None,
-                scale: float = 1.0) -> None:
-    base = next(iter(seconds.values()))
+def print_table(seconds: dict[str, float], diffs: dict[str, float], images: int, flops_per_call: float, unit: str,
+                peak: float | None, scale: float = 1.0) -> None:
+    base, first = next(iter(seconds.values())), next(iter(seconds))
     for name, s in seconds.items():
         rate = flops_per_call / s
         peak_part = f"  {rate / peak:6.1%} of bf16 peak" if peak else ""
         print(f"  {name:28s} {s * scale:9.2f} {unit}  {images / (s * scale):9.2f} img/s  {rate / 1e9:8.1f} GFLOP/s"
-              f"  {base / s:5.2f}x vs {next(iter(seconds))}{peak_part}")
+              f"  {base / s:5.2f}x vs {first}  max |diff| {diffs[name]:.1e}{peak_part}")
 
 
 def bench_ddpm(args, device: torch.device, scratch: Path) -> None:
-    cfg = trainlib.make_config(slotdiff.SDConfig, slotdiff.PRESETS["cpu"])
-    torch.manual_seed(0)
-    model = slotdiff.SlotDiffusion(cfg).to(device).eval()
-    latent_size = cfg.encoder.resolution // vae.PRESETS["cpu"]["model"].downsample
+    if args.ckpt:
+        cfg, model, vqvae, _ = slotdiff.load(args.ckpt, device=device)
+        latent_size, slots_per_scene = cfg.encoder.resolution // vqvae.cfg.downsample, cfg.encoder.slots
+    else:
+        cfg = trainlib.make_config(slotdiff.SDConfig, slotdiff.PRESETS["cpu"])
+        torch.manual_seed(0)
+        model = slotdiff.SlotDiffusion(cfg).to(device).eval()
+        model.unet.out[-1].reset_parameters()   # zero-initialised: every backend would return the same noise
+        latent_size = cfg.encoder.resolution // vae.PRESETS["cpu"]["model"].downsample
+        slots_per_scene = cfg.encoder.slots or 7   # --slots 0 = from the data: 7 on synthetic-clevr
     unet, diffusion, latent_shape = model.unet, model.diffusion, (3, latent_size, latent_size)
-    slots_per_scene = cfg.encoder.slots or 7   # --slots 0 = from the data: 7 on synthetic-clevr
     slots = torch.randn(args.batch, slots_per_scene, cfg.encoder.slot_dim, device=device)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         unet(torch.randn(args.batch, *latent_shape, device=device), torch.zeros(args.batch, dtype=torch.long,
                                                                                  device=device), slots)
     flops = counter.get_total_flops() * args.steps
-    print(f"DDPM sampling, slotdiff cpu-preset UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, "
+    params = sum(p.numel() for p in unet.parameters()) / 1e6
+    print(f"DDPM sampling, slotdiff {args.ckpt or 'cpu-preset'} UNet ({params:.2f}M params, "
           f"latent {latent_shape}, K={slots_per_scene}), batch {args.batch}, {args.steps}-step chains extrapolated to "
           f"1000 steps; {counter.get_total_flops() / args.batch / 1e9:.3f} GFLOP per image per step")
 
@@ -126,7 +135,7 @@ def bench_ddpm(args, device: torch.device, scratch: Path) -> None:
     def torch_sampler(denoiser, amp: bool):
         def run():
             with torch.no_grad(), trainlib.autocast(device, amp):
-                diffusion.sample(denoiser, slots, latent_shape, steps=args.steps, progress=False)
+                return diffusion.sample(denoiser, slots, latent_shape, steps=args.steps, progress=False)
         return run
 
     def ort_sampler(path: Path):
@@ -146,10 +155,11 @@ def bench_ddpm(args, device: torch.device, scratch: Path) -> None:
                     "torch compiled bf16": torch_sampler(compiled, True),
                     "ORT CPU fp32": ort_sampler(scratch / "ddpm_step.onnx")}
     start = time.perf_counter()
-    seconds = run_rounds(variants, args.rounds, device)
-    print(f"  (warm-up incl. compilation + {args.rounds} rounds: {time.perf_counter() - start:.0f} s)")
+    seconds, diffs = run_rounds(variants, args.rounds, device)
+    print(f"  (warm-up incl. compilation + {args.rounds} rounds: {time.perf_counter() - start:.0f} s; max |diff|: "
+          f"final latents of the {args.steps}-step chain for one seed, against {next(iter(variants))})")
     peak = matmul_peak(device, torch.bfloat16) if device.type == "cuda" else None
-    print_table(seconds, args.batch, flops, "s/1000 steps", peak, scale=1000 / args.steps)
+    print_table(seconds, diffs, args.batch, flops, "s/1000 steps", peak, scale=1000 / args.steps)
 
 
 def bench_decoder(args, device: torch.device, scratch: Path) -> None:
@@ -176,21 +186,23 @@ def bench_decoder(args, device: torch.device, scratch: Path) -> None:
         def run():
             with torch.no_grad(), trainlib.autocast(device, amp):
                 for _ in range(args.decode_iters):
-                    module(slots)
+                    image = module(slots)[0]
+            return image
         return run
 
     def ort_decode():
         for _ in range(args.decode_iters):
-            export.ort_decode(session, dict(slots=slots), "image", shape)
+            image = export.ort_decode(session, dict(slots=slots), "image", shape)
+        return image
 
     compiled = torch.compile(decoder)
     variants = {"torch eager fp32": torch_decode(decoder, False), "torch eager bf16": torch_decode(decoder, True),
                 "torch compiled fp32": torch_decode(compiled, False),
                 "torch compiled bf16": torch_decode(compiled, True),
                 f"ORT {device.type.upper()} fp32": ort_decode}
-    seconds = run_rounds(variants, args.rounds, device)
+    seconds, diffs = run_rounds(variants, args.rounds, device)
     peak = matmul_peak(device, torch.bfloat16) if device.type == "cuda" else None
-    print_table(seconds, batch, flops, "s/batch", peak, scale=1 / args.decode_iters)
+    print_table(seconds, diffs, batch, flops, "s/batch", peak, scale=1 / args.decode_iters)
 
 
 def main():
@@ -201,6 +213,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for torch and ORT alike")
     p.add_argument("--device", default="auto")
+    p.add_argument("--ckpt", help="ddpm: a slotdiff.py checkpoint's UNet (default: the cpu preset's, random weights)")
     p.add_argument("--only", choices=["ddpm", "decoder"], help="run one of the two benchmarks")
     args = p.parse_args()
     device = trainlib.pick_device(args.device)

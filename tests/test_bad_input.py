@@ -40,7 +40,7 @@ def ckpts(tmp_path_factory):
                                                           vae=str(folder / "vae.pt"), base_channels=16,
                                                           channel_mult=(1,), num_res_blocks=1, head_dim=8))
     trainlib.save_checkpoint(dict(kind="slotdiff", model=slotdiff.SlotDiffusion(sd_cfg).state_dict(), step=1,
-                                  config=asdict(sd_cfg), vae_hash=slotdiff.file_hash(folder / "vae.pt")),
+                                  config=asdict(sd_cfg), vae_hash=trainlib.file_hash(folder / "vae.pt")),
                              folder / "sd.pt")
     torch.save([1, 2, 3], folder / "list.pt")
     torch.save({"weights": torch.zeros(2)}, folder / "dict.pt")

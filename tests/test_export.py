@@ -1,6 +1,8 @@
 """Export of tiny sa.py / slotdiff.py checkpoints to every format, checked against the PyTorch modules and against
 closed forms; the ONNX Runtime DDPM sampler against slotdiff's; clear errors for bad checkpoints."""
+import dataclasses
 import math
+import re
 from dataclasses import asdict
 
 import numpy as np
@@ -37,7 +39,7 @@ def ckpts(tmp_path_factory):
     model = slotdiff.SlotDiffusion(sd_cfg, vae_cfg.model.embed_dim)
     randomise_zero_inits(model)
     trainlib.save_checkpoint(dict(kind="slotdiff", model=model.state_dict(), step=1, config=asdict(sd_cfg),
-                                  vae_hash=slotdiff.file_hash(folder / "vae.pt")), folder / "sd.pt")
+                                  vae_hash=trainlib.file_hash(folder / "vae.pt")), folder / "sd.pt")
     return folder
 
 
@@ -197,3 +199,74 @@ def test_conv_transpose_rewrite_is_the_same_function():
     x = torch.randn(2, 4, 7, 9)
     with torch.no_grad():
         torch.testing.assert_close(rewritten(x), layers(x), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fid's graphs: stale ones re-exported, another model's refused; the sampling backend
+
+def sd_copy(ckpts, folder):
+    """A private copy of the slotdiff checkpoint (these tests rewrite the files next to it)."""
+    ckpt = folder / "sd.pt"
+    ckpt.write_bytes((ckpts / "sd.pt").read_bytes())
+    return ckpt
+
+
+def test_stale_onnx_graph_is_re_exported_and_a_foreign_one_refused(ckpts, tmp_path, capsys):
+    ckpt = sd_copy(ckpts, tmp_path)
+    cfg, model, vqvae = loaded_slotdiff(ckpts)
+    graph = next(g for g in export.slotdiff_graphs(cfg, model, vqvae, with_step=True) if g.name == "ddpm_step")
+    path = export.onnx_file(ckpt, graph)   # missing: exported, stamped with the checkpoint's hash
+    assert export.onnx_source(path) == trainlib.file_hash(ckpt)
+    assert export.onnx_inputs(path) == export.expected_inputs(graph) == \
+        "x[batch,3,8,8], t[batch], slots[batch,3,8], noise[batch,3,8,8], coefs[3]"
+    assert not list(tmp_path.glob(".partial-*"))   # written under another name, then renamed into place
+    written = path.stat().st_mtime_ns
+    assert export.onnx_file(ckpt, graph) == path and path.stat().st_mtime_ns == written   # fresh: kept
+
+    state = trainlib.load_checkpoint(ckpt)     # the checkpoint changes (training went on): the graph is stale
+    state["model"]["unet.out.2.weight"] = state["model"]["unet.out.2.weight"] + 0.5
+    trainlib.save_checkpoint(state, ckpt)
+    capsys.readouterr()
+    export.onnx_file(ckpt, graph)
+    assert "was exported from another version of checkpoint; re-exporting" in capsys.readouterr().out
+    assert export.onnx_source(path) == trainlib.file_hash(ckpt)
+    step = export.ort_session(path)
+    x, slots, t = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8), torch.full((2,), 500)
+    coefs = model.diffusion.step_coefficients()[1][499].float()
+    _, new_model, _ = loaded_slotdiff(tmp_path)
+    with torch.no_grad():
+        expected = export.DDPMStep(new_model.unet)(x, t, slots, torch.zeros_like(x), coefs)
+    (got,) = step.run(None, dict(x=x.numpy(), t=t.numpy(), slots=slots.numpy(), noise=np.zeros((2, 3, 8, 8),
+                                 np.float32), coefs=coefs.numpy()))
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-4, rtol=1e-4)   # the new weights are in the graph
+
+    foreign = export.export_checkpoint(ckpts / "sa.pt", "onnx")["decoder"][0]   # another model's graph, unstamped
+    path.write_bytes(foreign.read_bytes())
+    import onnx as onnx_lib
+    unstamped = onnx_lib.load(str(path))
+    del unstamped.metadata_props[:]
+    onnx_lib.save(unstamped, str(path))
+    with pytest.raises(InputError, match=r"is not an export of .*sd.pt: its inputs are slots\[batch,3,8\], this "
+                                         r"checkpoint's ddpm_step takes x\[batch,3,8,8\], t\[batch\]"):
+        export.onnx_file(ckpt, graph)
+    assert export.onnx_inputs(path) == "slots[batch,3,8]"   # refused, not overwritten
+
+
+def test_sampling_backends_give_the_same_samples_and_auto_says_which_it_took(ckpts, tmp_path, capsys):
+    ckpt = sd_copy(ckpts, tmp_path)
+    cfg, model, vqvae = loaded_slotdiff(ckpts)
+    cfg = dataclasses.replace(cfg, amp=False, compile=False, sample_steps=5)   # fp32 both: comparable exactly
+    slots = torch.randn(4, 3, 8)
+    samples = {}
+    for backend in ("onnxruntime", "torch"):
+        label, sample, decode = export.pick_sampler(backend, ckpt, cfg, model, vqvae, torch.device("cpu"), slots)
+        assert label == {"onnxruntime": "ONNX Runtime", "torch": "PyTorch eager fp32"}[backend]
+        samples[backend] = sample(slots, (3, 8, 8), 3)
+        assert (decode is None) == (backend == "torch")   # None: slotdiff.generate decodes with the VQ-VAE
+    assert samples["torch"].abs().max() > 0.1
+    torch.testing.assert_close(samples["onnxruntime"], samples["torch"], atol=1e-4, rtol=1e-4)
+    capsys.readouterr()
+    export.pick_sampler("auto", ckpt, cfg, model, vqvae, torch.device("cpu"), slots)
+    chosen = capsys.readouterr().out.splitlines()[-1]
+    assert re.fullmatch(r"sampling backend: (ONNX Runtime|PyTorch eager fp32) \([\d.]+ ms/step vs "
+                        r"(PyTorch eager fp32|ONNX Runtime fp32) [\d.]+, measured just now at batch 4\)", chosen)
