@@ -21,6 +21,7 @@ import contextlib
 import json
 import math
 import re
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -645,20 +646,34 @@ def train(cfg: SDConfig, resume: str | None = None, overwrite: bool = False) -> 
 # ----------------------------------------------------------------------------------------------------------
 # evaluation: segmentation from the attention maps, reconstruction and compositional generation by DDPM
 
-@torch.no_grad()
+SAMPLER_TITLE = "SlotDiffusion sampler"   # its compile time's key in trainlib.compile_times
+
+
 def pytorch_sampler(model: SlotDiffusion, cfg: SDConfig, device: torch.device, steps: int | None = None,
                     progress: bool = True) -> Callable:
     """sample(slots, latent_shape, seed) -> latents: the DDPM chain (cfg.sample_steps, or `steps`) with the UNet
-    compiled and under autocast as cfg says."""
+    compiled and under autocast as cfg says. A compiled UNet's first call compiles it: that call is made alone,
+    announced and timed (trainlib.compile_notice), so a chain's progress bar never sits silent on it."""
     denoiser = trainlib.compile_model(model.unet, cfg.compile)
+    compiled = not cfg.compile
 
+    @torch.no_grad()
     def sample(slots: torch.Tensor, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
+        nonlocal compiled
         with trainlib.autocast(device, cfg.amp):
+            if not compiled:
+                tqdm.write(trainlib.compile_notice(SAMPLER_TITLE, "the sampling UNet"))
+                start = time.monotonic()
+                denoiser(torch.zeros(len(slots), *shape, device=device),
+                         torch.zeros(len(slots), dtype=torch.long, device=device), slots)
+                trainlib.record_compile_time(SAMPLER_TITLE, time.monotonic() - start)
+                compiled = True
             return model.diffusion.sample(denoiser, slots, shape, seed=seed, steps=steps or cfg.sample_steps,
                                           progress=progress)
     return sample
 
 
+@torch.no_grad()
 def generate(model: SlotDiffusion, vqvae: vae.VQVAE, slots: torch.Tensor, cfg: SDConfig, device: torch.device,
              sample: Callable | None = None, decode: Callable | None = None) -> np.ndarray:
     """Slots (n,K,D) -> DDPM in the latent space (all T steps) -> VAE decode -> (n,H,W,3) uint8. Every chunk has

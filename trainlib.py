@@ -663,20 +663,21 @@ def compile_model(model: torch.nn.Module, enabled: bool = True) -> torch.nn.Modu
 
 
 def compile_times() -> dict[str, float]:
-    """Seconds the first training step took last time, per model (compilation included), or {} if unknown."""
+    """Seconds the first training step (or sampling call) took last time, per title, compilation included; {} if
+    unknown."""
     try:
         return json.loads((COMPILE_CACHE / "first_step_seconds.json").read_text())
     except (OSError, ValueError):
         return {}
 
 
-def compile_notice(title: str) -> str:
-    """What to expect while the first step compiles: the time it took last time here, or the first-run cost."""
+def compile_notice(title: str, what: str = "the training step") -> str:
+    """What to expect while `what` compiles: the time it took last time here, or the first-run cost."""
     last = compile_times().get(title)
     if last is None:
-        return ("compiling the training step (first run on this machine only: up to ~1 minute on 2 cores; later "
-                "runs reuse .cache/inductor)")
-    return f"compiling the training step (cached in .cache/inductor: ~{last:.0f} s last time)"
+        return (f"compiling {what} (first run on this machine only: up to ~1 minute on 2 cores; later runs reuse "
+                f".cache/inductor)")
+    return f"compiling {what} (cached in .cache/inductor: ~{last:.0f} s last time)"
 
 
 def record_compile_time(title: str, seconds: float) -> None:

@@ -270,3 +270,19 @@ def test_sampling_backends_give_the_same_samples_and_auto_says_which_it_took(ckp
     chosen = capsys.readouterr().out.splitlines()[-1]
     assert re.fullmatch(r"sampling backend: (ONNX Runtime|PyTorch eager fp32) \([\d.]+ ms/step vs "
                         r"(PyTorch eager fp32|ONNX Runtime fp32) [\d.]+, measured just now at batch 4\)", chosen)
+
+
+def test_pytorch_sampler_announces_and_times_its_compilation_once(ckpts, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)   # the compile time is recorded under ./.cache/inductor
+    monkeypatch.setattr(trainlib, "compile_model", lambda model, enabled=True: model)   # the path, not inductor
+    cfg, model, _ = loaded_slotdiff(ckpts)
+    cfg = dataclasses.replace(cfg, compile=True, amp=False, sample_steps=5)
+    sample = slotdiff.pytorch_sampler(model, cfg, torch.device("cpu"), progress=False)
+    slots = torch.randn(2, 3, 8)
+    first = sample(slots, (3, 8, 8), 4)
+    assert "compiling the sampling UNet (first run on this machine only" in capsys.readouterr().out
+    assert slotdiff.SAMPLER_TITLE in trainlib.compile_times()
+    torch.testing.assert_close(first, model.diffusion.sample(model.unet, slots, (3, 8, 8), seed=4, steps=5,
+                                                             progress=False))   # the warm-up call changes nothing
+    torch.testing.assert_close(sample(slots, (3, 8, 8), 4), first)
+    assert "compiling" not in capsys.readouterr().out   # once per sampler
