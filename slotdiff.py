@@ -18,6 +18,7 @@ Two differences from the reference implementation, both pure speed-ups with iden
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import re
@@ -86,6 +87,7 @@ class SDConfig:
     warmup: int = 12_500           # linear learning-rate warm-up steps before the cosine decay
     steps: int = 250_000
     grad_clip: float = 1.0         # 0 = off
+    ema_decay: float = 0.0         # > 0: evaluate and sample with an EMA of the weights (trainlib.EMA); 0 = off
     # system
     device: str = "auto"           # auto (cuda if available), cpu, cuda, cuda:1, ...
     compile: bool = True           # torch.compile the training step and the sampling UNet
@@ -111,11 +113,12 @@ PRESETS = {
     # a 2-core CPU: sa.py's measured cpu encoder recipe (32x32, BO-QSA learned queries), so the two models are
     # compared on the same data; the VQ-VAE's cpu preset gives 8x8x3 latents, UNet levels 8/4/2. The encoder keeps
     # the paper's 1e-4: warm-started from sa.py (--encoder-from), 4e-4 broke the handed-over binding within a
-    # minute and 2e-5 left it to decay (bench/bench_learning.py run 8, docs/results.md)
+    # minute and 2e-5 left it to decay (bench/bench_learning.py run 8, docs/results.md). At a constant learning
+    # rate within the time budget, evaluation and sampling use an EMA of the weights (horizon ~1000 steps).
     "cpu": dict(encoder=sa.PRESETS["cpu"]["encoder"], num_train=5_000, num_val=500,
                 unet=UNetConfig(base_channels=32, channel_mult=(1, 2, 3), num_res_blocks=1, head_dim=32, dropout=0.0),
-                batch_size=16, lr=1e-4, unet_lr=4e-4, warmup=500, steps=100_000, max_minutes=20, log_every=25,
-                eval_every=500, eval_images=128, ckpt_every=500, sample_batch=250),
+                batch_size=16, lr=1e-4, unet_lr=4e-4, warmup=500, steps=100_000, ema_decay=0.999, max_minutes=20,
+                log_every=25, eval_every=500, eval_images=128, ckpt_every=500, sample_batch=250),
 }
 
 
@@ -127,7 +130,7 @@ def validate(cfg: SDConfig) -> None:
                                          "beta_end", "sample_steps", "sample_batch", "batch_size", "lr", "unet_lr",
                                          "steps", "log_every", "eval_every", "eval_images", "ckpt_every", "num_recon",
                                          "num_train", "num_gen"),
-                          non_negative=("dropout", "warmup", "grad_clip", "seed", "max_minutes"),
+                          non_negative=("dropout", "warmup", "grad_clip", "ema_decay", "seed", "max_minutes"),
                           choices=dict(comp_sample=("member", "gaussian"),
                                        beta_schedule=("linear", "scaled_linear")))
     if cfg.num_val is not None and cfg.num_val < 2:
@@ -138,6 +141,8 @@ def validate(cfg: SDConfig) -> None:
     if not schedule.beta_start <= schedule.beta_end < 1:
         raise InputError(f"--beta-start {schedule.beta_start} / --beta-end {schedule.beta_end}: need "
                          f"0 < beta-start <= beta-end < 1 (the assignment: 0.0015 and 0.0195)")
+    if cfg.ema_decay >= 1:
+        raise InputError(f"--ema-decay {cfg.ema_decay}: must be in [0, 1), e.g. 0.999 (0 = no EMA)")
     unet = cfg.unet
     if not unet.channel_mult or min(unet.channel_mult) < 1 or unet.dropout >= 1:
         raise InputError(f"--channel-mult {unet.channel_mult} / --dropout {unet.dropout}: need positive multipliers "
@@ -451,16 +456,19 @@ def safe_name(text: str) -> str:
 
 def ensure_vae(cfg: SDConfig, cache_dir: str = ".cache") -> str:
     """Absolute path of the VQ-VAE checkpoint: --vae, or one trained here with vae.py's preset for the resolution,
-    once per (data, resolution): later runs reuse it, and an interrupted VAE training resumes (a Ctrl-C during it
-    stops this script too, so SlotDiffusion never trains on an unfinished VAE)."""
+    once per (data, resolution, preset settings): later runs reuse it, a changed preset trains a new one, and an
+    interrupted VAE training resumes (a Ctrl-C during it stops this script too, so SlotDiffusion never trains on
+    an unfinished VAE)."""
     if cfg.vae:
         return str(Path(cfg.vae).resolve())
     resolution = cfg.encoder.resolution
     preset = "cpu" if resolution <= 64 else "paper"
     scenes = f"-n{cfg.num_train}" if cfg.num_train else ""
-    folder = Path(cache_dir) / "vae" / f"{safe_name(cfg.data)}{scenes}-{resolution}px-{preset}"
     vae_cfg = trainlib.make_config(vae.TrainConfig, vae.PRESETS[preset], dict(
-        data=cfg.data, resolution=resolution, num_train=cfg.num_train, device=cfg.device, out=str(folder)))
+        data=cfg.data, resolution=resolution, num_train=cfg.num_train, device=cfg.device))
+    settings = hashlib.sha256(repr(replace(vae_cfg, device="", out="")).encode()).hexdigest()[:8]
+    folder = Path(cache_dir) / "vae" / f"{safe_name(cfg.data)}{scenes}-{resolution}px-{preset}-{settings}"
+    vae_cfg = replace(vae_cfg, out=str(folder))
     vae.validate(vae_cfg)
     path = folder / "ckpt.pt"
     if path.exists():
@@ -517,22 +525,32 @@ def make_optimizer(model: SlotDiffusion, cfg: SDConfig) -> torch.optim.Adam:
 
 
 def train_step(step_model: nn.Module, model: SlotDiffusion, opt: torch.optim.Optimizer, scaler, images: torch.Tensor,
-               latents: torch.Tensor, step: int, cfg: SDConfig, device: torch.device) -> torch.Tensor:
-    """One optimiser step on images and their VAE latents (step_model: the compiled / DDP view of model)."""
+               latents: torch.Tensor, step: int, cfg: SDConfig, device: torch.device,
+               ema: trainlib.EMA | None = None) -> torch.Tensor:
+    """One optimiser step on images and their VAE latents (step_model: the compiled / DDP view of model), then
+    the EMA of the weights when there is one."""
     for group in opt.param_groups:
         group["lr"] = group["base_lr"] * lr_scale(step, cfg)
     with trainlib.autocast(device, cfg.amp):
         loss = step_model(images, latents)["loss"]
     trainlib.optimizer_step(loss, opt, scaler, model.parameters(), cfg.grad_clip)
+    if ema is not None:
+        ema.update(model)
     return loss
 
 
 def checkpoint_state(model: nn.Module, opt: torch.optim.Optimizer, scaler, step: int, cfg: SDConfig,
-                     vae_hash: str) -> dict:
+                     vae_hash: str, ema: trainlib.EMA | None = None) -> dict:
     """cfg.vae is an absolute path and vae_hash its content's hash, so the checkpoint finds (and checks) its VAE
-    from any working directory."""
-    return dict(kind="slotdiff", model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
-                step=step, config=asdict(cfg), vae_hash=vae_hash, rng=trainlib.rng_state())
+    from any working directory. "model" holds the trained weights, "ema" (when kept) the averaged ones that
+    `load` returns for evaluation."""
+    state = dict(kind="slotdiff", model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
+                 step=step, config=asdict(cfg), vae_hash=vae_hash, rng=trainlib.rng_state())
+    return {**state, "ema": ema.state_dict()} if ema is not None else state
+
+
+def make_ema(model: SlotDiffusion, cfg: SDConfig) -> trainlib.EMA | None:
+    return trainlib.EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
 
 def load_frozen_vae(cfg: SDConfig, device: torch.device) -> tuple[vae.VQVAE, str]:
@@ -618,6 +636,9 @@ def train(cfg: SDConfig, resume: str | None = None, overwrite: bool = False) -> 
             raise InputError(f"{resume} was trained on the latents of another VAE than {cfg.vae}; "
                              f"pass --vae with the VAE it was trained with")
         start = trainlib.restore(state, resume, master, model=model, optimizer=opt, scaler=scaler)
+    ema = make_ema(model, cfg)
+    if ema is not None and resume and "ema" in state:   # else the average starts from the restored weights
+        ema.load_state_dict(state["ema"])
     loop = trainlib.TrainLoop(cfg, start, Path(cfg.out), script="slotdiff.py", title="SlotDiffusion",
                               resumed=bool(resume), master=master, world_size=ddp.world_size, device=device,
                               images_per_step=cfg.batch_size * ddp.world_size, epoch_size=len(train_set),
@@ -633,11 +654,11 @@ def train(cfg: SDConfig, resume: str | None = None, overwrite: bool = False) -> 
             step_model, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
     for step in loop.steps():
         images, latents = batch_with_latents(train_set, train_latents, step, cfg, device, ddp.rank, ddp.world_size)
-        loss = train_step(step_model, model, opt, scaler, images, latents, step, cfg, device)
+        loss = train_step(step_model, model, opt, scaler, images, latents, step, cfg, device, ema)
         loop.end_step(step + 1, loss, cfg.unet_lr * lr_scale(step, cfg),
-                      evaluate=lambda: evaluate_loss_and_masks(model, val_set, val_latents, cfg, device,
-                                                               limit=cfg.eval_images),
-                      state=lambda: checkpoint_state(model, opt, scaler, step + 1, cfg, vae_hash))
+                      evaluate=lambda: evaluate_loss_and_masks(ema.model if ema else model, val_set, val_latents,
+                                                               cfg, device, limit=cfg.eval_images),
+                      state=lambda: checkpoint_state(model, opt, scaler, step + 1, cfg, vae_hash, ema))
     if ddp.world_size > 1:
         torch.distributed.destroy_process_group()
     return loop.ckpt if master else None
@@ -709,8 +730,8 @@ def save_reconstructions(images: torch.Tensor, true_masks: torch.Tensor, attn: t
 def load(ckpt: str | Path, cfg: SDConfig | None = None, device: torch.device | str = "cpu"
          ) -> tuple[SDConfig, SlotDiffusion, vae.VQVAE, dict]:
     """A slotdiff.py checkpoint: its config (or cfg: the checkpoint's with flags applied, which may change
-    evaluation settings but not the model's), the model and its frozen VQ-VAE (checked by content hash) in eval
-    mode on `device`, and the checkpoint's dict."""
+    evaluation settings but not the model's), the model (its EMA weights when it kept them) and its frozen VQ-VAE
+    (checked by content hash) in eval mode on `device`, and the checkpoint's dict."""
     state = trainlib.load_checkpoint(ckpt, map_location=device, kind="slotdiff")
     cfg = cfg or trainlib.config_from_checkpoint(SDConfig, state["config"], ckpt)
     for part in ("encoder", "unet", "diffusion"):
@@ -720,7 +741,7 @@ def load(ckpt: str | Path, cfg: SDConfig | None = None, device: torch.device | s
         raise InputError(f"{ckpt} was trained on the latents of another VAE than {cfg.vae}; pass --vae with the "
                          f"VAE it was trained with")
     model = SlotDiffusion(cfg, vqvae.cfg.embed_dim).to(device)
-    trainlib.load_weights(model, state["model"], ckpt)
+    trainlib.load_weights(model, state["ema"]["model"] if "ema" in state else state["model"], ckpt)
     return cfg, model.eval(), vqvae.eval(), state
 
 

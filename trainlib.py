@@ -626,6 +626,29 @@ class TrainProgress:
         self.bar.close()
 
 
+class EMA:
+    """An exponential moving average of a model's weights, the copy that evaluation and sampling use. The decay
+    ramps up as (1 + n) / (10 + n) over the first updates (as LDM's LitEma), so the average does not sit on the
+    initial weights for its first ~1/(1 - decay) steps."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
+
+    def state_dict(self) -> dict:
+        return dict(model=self.model.state_dict(), updates=self.updates)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = state["updates"]
+
+
 def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler, parameters, grad_clip: float = 0.0) -> None:
     """Backward through the AMP loss scaler, optional gradient-norm clipping (on unscaled gradients), then the
     optimiser step: the same for every training script."""

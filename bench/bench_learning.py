@@ -58,6 +58,7 @@ class Run:
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     latents: tuple = ()         # SlotDiffusion: VAE latents of (train, val) and the VAE's hash
+    ema: trainlib.EMA | None = None   # SlotDiffusion with --set ema_decay=...: the weights it is scored with
     then: slotdiff.SDConfig | None = None   # warm start: the SlotDiffusion this run becomes at warm_seconds
     warm_seconds: float = 0.0
     step: int = 0               # steps of the current model
@@ -161,7 +162,8 @@ def make_run(name: str, cfg, device: torch.device, splits: dict, latents: dict,
         opt = slotdiff.make_optimizer(model, cfg)
     step_model = trainlib.compile_model(model, cfg.compile)
     label = name if cfg.seed == 0 else f"{name} (seed {cfg.seed})"
-    return Run(label, cfg, model, step_model, opt, trainlib.make_grad_scaler(device, cfg.amp), run_latents)
+    ema = slotdiff.make_ema(model, cfg) if isinstance(cfg, slotdiff.SDConfig) else None
+    return Run(label, cfg, model, step_model, opt, trainlib.make_grad_scaler(device, cfg.amp), run_latents, ema)
 
 
 def train_for(run: Run, seconds: float, budget: float, scenes, device: torch.device) -> None:
@@ -176,7 +178,7 @@ def train_for(run: Run, seconds: float, budget: float, scenes, device: torch.dev
         else:
             images, latents = slotdiff.batch_with_latents(scenes, run.latents[0], run.step, run.cfg, device)
             slotdiff.train_step(run.step_model, run.model, run.opt, run.scaler, images, latents, run.step, run.cfg,
-                                device).item()
+                                device, run.ema).item()
         run.seconds += time.perf_counter() - start
         run.step += 1
 
@@ -190,7 +192,8 @@ def continue_as_slotdiff(run: Run, device: torch.device, splits: dict, latents: 
 def evaluate(run: Run, val_set, device: torch.device, limit: int) -> dict:
     if isinstance(run.cfg, sa.SAConfig):
         return sa.evaluate_masks(run.model, val_set, run.cfg, device, limit=limit)
-    return slotdiff.evaluate_loss_and_masks(run.model, val_set, run.latents[1], run.cfg, device, limit=limit)
+    return slotdiff.evaluate_loss_and_masks(run.ema.model if run.ema else run.model, val_set, run.latents[1], run.cfg,
+                                            device, limit=limit)
 
 
 def record_scores(run: Run, val_set, device: torch.device, args) -> None:
@@ -207,7 +210,7 @@ def save_final(run: Run, out: Path) -> None:
     if isinstance(run.cfg, sa.SAConfig):
         state = sa.checkpoint_state(run.model, run.opt, run.scaler, run.step, run.cfg)
     else:
-        state = slotdiff.checkpoint_state(run.model, run.opt, run.scaler, run.step, run.cfg, run.latents[2])
+        state = slotdiff.checkpoint_state(run.model, run.opt, run.scaler, run.step, run.cfg, run.latents[2], run.ema)
     trainlib.save_checkpoint(state, ckpt)
 
 

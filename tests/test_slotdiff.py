@@ -282,7 +282,7 @@ TINY_CLI = ["--resolution", "16", "--num-train", "16", "--num-val", "8", "--slot
             "--slot-mlp-hidden", "16", "--enc-channels", "8", "--base-channels", "16", "--channel-mult", "1,2",
             "--num-res-blocks", "1", "--head-dim", "8", "--batch-size", "4", "--warmup", "1", "--log-every", "1",
             "--eval-every", "2", "--eval-images", "8", "--ckpt-every", "2", "--compile", "0", "--device", "cpu",
-            "--sample-steps", "5", "--sample-batch", "4", "--num-recon", "2", "--num-gen", "6"]
+            "--sample-steps", "5", "--sample-batch", "4", "--num-recon", "2", "--num-gen", "6", "--ema-decay", "0.9"]
 
 
 def test_cli_trains_resumes_exactly_and_evaluates(tmp_path, tiny_vae, monkeypatch):
@@ -305,6 +305,11 @@ def test_cli_trains_resumes_exactly_and_evaluates(tmp_path, tiny_vae, monkeypatc
     assert a["step"] == b["step"] == 4
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(a["ema"]["model"][key], b["ema"]["model"][key], rtol=0, atol=0, msg=key)
+    assert a["ema"]["updates"] == b["ema"]["updates"] == 4
+    _, loaded, _, _ = slotdiff.load(split / "ckpt.pt")   # evaluation and export use the averaged weights
+    assert all(torch.equal(value, b["ema"]["model"][key]) for key, value in loaded.state_dict().items())
+    assert any(not torch.equal(b["ema"]["model"][key], b["model"][key]) for key in b["model"])
 
     records = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3, 4]
@@ -348,4 +353,6 @@ def test_without_vae_flag_a_vae_is_trained_once_then_reused(tmp_path, monkeypatc
     assert slotdiff.ensure_vae(cfg) == path  # finished: reused, no third training
     assert len(trainings) == 2
     assert vae.load_vae(path).cfg.n_embed == 16
+    monkeypatch.setitem(vae.PRESETS, "cpu", {**vae.PRESETS["cpu"], "steps": 9})
+    assert slotdiff.ensure_vae(cfg) != path and len(trainings) == 3   # the preset changed: a new VAE, not the old
     assert slotdiff.ensure_vae(replace(cfg, vae="given.pt")) == str(Path("given.pt").resolve())

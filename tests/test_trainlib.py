@@ -138,3 +138,20 @@ def test_compile_notice_reports_the_last_first_step_time(tmp_path, monkeypatch):
     (tmp_path / ".cache" / "inductor" / "first_step_seconds.json").write_text("{not json")
     assert "first run on this machine" in trainlib.compile_notice("SlotDiffusion")   # a broken file is no error
     assert trainlib.compile_model(torch.nn.Linear(2, 2), enabled=False).__class__ is torch.nn.Linear
+
+
+def test_ema_is_the_ramped_exponential_average_and_round_trips():
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = trainlib.EMA(model, decay=0.3)
+    expected = 0.0
+    for n, weight in enumerate([1.0, 2.0, 3.0, 4.0], start=1):
+        model.weight.data.fill_(weight)
+        ema.update(model)
+        decay = min(0.3, (1 + n) / (10 + n))   # 2/11, 3/12, then capped at 0.3
+        expected = decay * expected + (1 - decay) * weight
+        torch.testing.assert_close(ema.model.weight, torch.full((1, 2), expected))
+    assert not ema.model.weight.requires_grad and (model.weight == 4.0).all()   # the trained weights untouched
+    copy = trainlib.EMA(torch.nn.Linear(2, 1, bias=False), decay=0.3)
+    copy.load_state_dict(ema.state_dict())
+    assert copy.updates == 4 and torch.equal(copy.model.weight, ema.model.weight)
