@@ -434,15 +434,17 @@ def fid_sa(ckpt: Path, num_gen: int | None, device: torch.device) -> float:
     return report_fid(images, val_set.images, ckpt, device)
 
 
-def ort_sampler(ckpt: Path, cfg: slotdiff.SDConfig, model: slotdiff.SlotDiffusion, vqvae, device: torch.device,
-                steps: int | None = None, progress: bool = True) -> tuple[Callable, Callable]:
-    """sample(slots, latent_shape, seed) and decode(latents) for slotdiff.generate, on ONNX Runtime."""
+def ort_sampler(ckpt: Path, cfg: slotdiff.SDConfig, model: slotdiff.SlotDiffusion, vqvae,
+                device: torch.device) -> tuple[Callable, Callable]:
+    """sample(slots, latent_shape, seed, steps=None, progress=True) and decode(latents) for slotdiff.generate, on
+    ONNX Runtime (as slotdiff.pytorch_sampler's sample on PyTorch)."""
     graphs = {graph.name: graph for graph in slotdiff_graphs(cfg, model, vqvae, with_step=True)}
     step_session = ort_session(onnx_file(ckpt, graphs["ddpm_step"]), device)
     decoder_session = ort_session(onnx_file(ckpt, graphs["vae_decoder"]), device)
     resolution = cfg.encoder.resolution
 
-    def sample(slots: torch.Tensor, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
+    def sample(slots: torch.Tensor, shape: tuple[int, int, int], seed: int, steps: int | None = None,
+               progress: bool = True) -> torch.Tensor:
         return ort_sample(step_session, model.diffusion, slots, shape, seed=seed, steps=steps or cfg.sample_steps,
                           progress=progress)
 
@@ -451,19 +453,19 @@ def ort_sampler(ckpt: Path, cfg: slotdiff.SDConfig, model: slotdiff.SlotDiffusio
     return sample, decode
 
 
-def ms_per_step(samplers: dict[str, Callable], slots: torch.Tensor, shape: tuple[int, int, int], steps: int,
-                rounds: int = 2) -> dict[str, float]:
-    """Milliseconds per DDPM step of each `steps`-step sampler on these slots: best of `rounds`, interleaved, after
-    a warm-up call (compilation, ORT's first allocations). Chains, not single steps: ORT's threads spin for a
-    while after a run, which would slow a PyTorch step timed right after it."""
+def ms_per_step(samplers: dict[str, Callable], slots: torch.Tensor, shape: tuple[int, int, int],
+                steps: int = PROBE_STEPS, rounds: int = 2) -> dict[str, float]:
+    """Milliseconds per DDPM step of each sampler, timed on `steps`-step chains on these slots: best of `rounds`,
+    interleaved, after a warm-up call (compilation, ORT's first allocations). Chains, not single steps: ORT's
+    threads spin for a while after a run, which would slow a PyTorch step timed right after it."""
     best = {}
     for name, sample in samplers.items():
-        sample(slots, shape, 0)
+        sample(slots, shape, 0, steps=steps, progress=False)
         best[name] = math.inf
     for _ in range(rounds):
         for name, sample in samplers.items():
             start = time.perf_counter()
-            sample(slots, shape, 0)
+            sample(slots, shape, 0, steps=steps, progress=False)
             best[name] = min(best[name], (time.perf_counter() - start) * 1000 / steps)
     return best
 
@@ -476,15 +478,14 @@ def pick_sampler(backend: str, ckpt: Path, cfg: slotdiff.SDConfig, model: slotdi
     batch = len(slots)
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}[trainlib.amp_dtype(device)] if cfg.amp else "fp32"
     torch_name = f"PyTorch {'compiled' if cfg.compile else 'eager'} {precision}"
+    on_ort = on_torch = None   # the samplers the timing made, reused
     if backend == "auto" and device.type == "cuda":
         backend, why = "onnxruntime", "ONNX Runtime's CUDA provider with I/O binding, the GPU path"
     elif backend == "auto":
-        steps = PROBE_STEPS
-        chains = {"onnxruntime": ort_sampler(ckpt, cfg, model, vqvae, device, steps, progress=False)[0],
-                  "torch": slotdiff.pytorch_sampler(model, cfg, device, steps, progress=False)}
+        on_ort, on_torch = ort_sampler(ckpt, cfg, model, vqvae, device), slotdiff.pytorch_sampler(model, cfg, device)
         print(f"timing DDPM steps of ONNX Runtime fp32 and {torch_name} at batch {batch}...", flush=True)
         shape = (vqvae.cfg.embed_dim, *[cfg.encoder.resolution // vqvae.cfg.downsample] * 2)
-        times = ms_per_step(chains, slots.to(device), shape, steps)
+        times = ms_per_step(dict(onnxruntime=on_ort[0], torch=on_torch), slots.to(device), shape)
         backend = min(times, key=times.get)
         why = (f"{times['torch']:.1f} ms/step vs ONNX Runtime fp32 {times['onnxruntime']:.1f}" if backend == "torch"
                else f"{times['onnxruntime']:.1f} ms/step vs {torch_name} {times['torch']:.1f}")
@@ -493,9 +494,9 @@ def pick_sampler(backend: str, ckpt: Path, cfg: slotdiff.SDConfig, model: slotdi
         why = "--backend"
     label = torch_name if backend == "torch" else "ONNX Runtime"
     print(f"sampling backend: {label} ({why})", flush=True)
-    if backend == "torch":
-        return label, slotdiff.pytorch_sampler(model, cfg, device), None   # None: slotdiff.generate's VAE decoder
-    return label, *ort_sampler(ckpt, cfg, model, vqvae, device)
+    if backend == "torch":   # decode None: slotdiff.generate's VAE decoder
+        return label, on_torch or slotdiff.pytorch_sampler(model, cfg, device), None
+    return label, *(on_ort or ort_sampler(ckpt, cfg, model, vqvae, device))
 
 
 def fid_slotdiff(ckpt: Path, num_gen: int | None, sample_steps: int | None, device: torch.device,

@@ -670,16 +670,16 @@ def train(cfg: SDConfig, resume: str | None = None, overwrite: bool = False) -> 
 SAMPLER_TITLE = "SlotDiffusion sampler"   # its compile time's key in trainlib.compile_times
 
 
-def pytorch_sampler(model: SlotDiffusion, cfg: SDConfig, device: torch.device, steps: int | None = None,
-                    progress: bool = True) -> Callable:
-    """sample(slots, latent_shape, seed) -> latents: the DDPM chain (cfg.sample_steps, or `steps`) with the UNet
-    compiled and under autocast as cfg says. A compiled UNet's first call compiles it: that call is made alone,
+def pytorch_sampler(model: SlotDiffusion, cfg: SDConfig, device: torch.device) -> Callable:
+    """sample(slots, latent_shape, seed, steps=None, progress=True) -> latents: the DDPM chain (cfg.sample_steps,
+    or `steps`) with the UNet compiled and under autocast as cfg says. A compiled UNet's first call compiles it: that call is made alone,
     announced and timed (trainlib.compile_notice), so a chain's progress bar never sits silent on it."""
     denoiser = trainlib.compile_model(model.unet, cfg.compile)
     compiled = not cfg.compile
 
     @torch.no_grad()
-    def sample(slots: torch.Tensor, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
+    def sample(slots: torch.Tensor, shape: tuple[int, int, int], seed: int, steps: int | None = None,
+               progress: bool = True) -> torch.Tensor:
         nonlocal compiled
         with trainlib.autocast(device, cfg.amp):
             if not compiled:

@@ -277,12 +277,13 @@ def test_pytorch_sampler_announces_and_times_its_compilation_once(ckpts, tmp_pat
     monkeypatch.setattr(trainlib, "compile_model", lambda model, enabled=True: model)   # the path, not inductor
     cfg, model, _ = loaded_slotdiff(ckpts)
     cfg = dataclasses.replace(cfg, compile=True, amp=False, sample_steps=5)
-    sample = slotdiff.pytorch_sampler(model, cfg, torch.device("cpu"), progress=False)
+    sample = slotdiff.pytorch_sampler(model, cfg, torch.device("cpu"))
     slots = torch.randn(2, 3, 8)
-    first = sample(slots, (3, 8, 8), 4)
+    first = sample(slots, (3, 8, 8), 4, progress=False)
     assert "compiling the sampling UNet (first run on this machine only" in capsys.readouterr().out
     assert slotdiff.SAMPLER_TITLE in trainlib.compile_times()
     torch.testing.assert_close(first, model.diffusion.sample(model.unet, slots, (3, 8, 8), seed=4, steps=5,
                                                              progress=False))   # the warm-up call changes nothing
-    torch.testing.assert_close(sample(slots, (3, 8, 8), 4), first)
+    torch.testing.assert_close(sample(slots, (3, 8, 8), 4, progress=False), first)
+    assert sample(slots, (3, 8, 8), 4, steps=1, progress=False).shape == first.shape   # a shorter chain on request
     assert "compiling" not in capsys.readouterr().out   # once per sampler
