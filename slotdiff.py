@@ -637,8 +637,11 @@ def train(cfg: SDConfig, resume: str | None = None, overwrite: bool = False) -> 
                              f"pass --vae with the VAE it was trained with")
         start = trainlib.restore(state, resume, master, model=model, optimizer=opt, scaler=scaler)
     ema = make_ema(model, cfg)
-    if ema is not None and resume and "ema" in state:   # else the average starts from the restored weights
-        ema.load_state_dict(state["ema"])
+    if ema is not None and resume:
+        if "ema" in state:
+            ema.load_state_dict(state["ema"])
+        elif master:
+            print(f"{resume} kept no weight average: --ema-decay {cfg.ema_decay} starts it from the restored weights")
     loop = trainlib.TrainLoop(cfg, start, Path(cfg.out), script="slotdiff.py", title="SlotDiffusion",
                               resumed=bool(resume), master=master, world_size=ddp.world_size, device=device,
                               images_per_step=cfg.batch_size * ddp.world_size, epoch_size=len(train_set),

@@ -285,7 +285,7 @@ TINY_CLI = ["--resolution", "16", "--num-train", "16", "--num-val", "8", "--slot
             "--sample-steps", "5", "--sample-batch", "4", "--num-recon", "2", "--num-gen", "6", "--ema-decay", "0.9"]
 
 
-def test_cli_trains_resumes_exactly_and_evaluates(tmp_path, tiny_vae, monkeypatch):
+def test_cli_trains_resumes_exactly_and_evaluates(tmp_path, tiny_vae, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # data and latent caches go to tmp_path/.cache
     fid_inputs = []  # FID itself is tested in test_metrics.py; its 2048x2048 sqrtm alone takes ~20 s on 2 cores
 
@@ -327,6 +327,13 @@ def test_cli_trains_resumes_exactly_and_evaluates(tmp_path, tiny_vae, monkeypatc
     slotdiff.main(["eval", "--ckpt", str(split / "ckpt.pt"), "--num-gen", "3"])
     assert json.loads((split / "val_metrics.json").read_text())["generated_images"] == 3
     assert fid_inputs[-2:] == [(8, 16, 16, 3), (3, 16, 16, 3)]
+
+    # resuming a checkpoint that kept no average while --ema-decay is set: said, and the average starts there
+    trainlib.save_checkpoint({k: v for k, v in b.items() if k != "ema"}, split / "ckpt.pt")
+    capsys.readouterr()
+    slotdiff.main(["--resume", str(split / "ckpt.pt"), "--steps", "5", "--no-eval"])
+    assert "kept no weight average: --ema-decay 0.9 starts it from the restored weights" in capsys.readouterr().out
+    assert trainlib.load_checkpoint(split / "ckpt.pt")["ema"]["updates"] == 1
 
 
 def test_without_vae_flag_a_vae_is_trained_once_then_reused(tmp_path, monkeypatch):
