@@ -322,26 +322,23 @@ def stamp_source(path: Path, source: str) -> None:
     onnx.save(model, str(path))
 
 
-def onnx_source(path: Path) -> str | None:
-    """The checkpoint hash stamped in an ONNX file; None when it has none (not written by this script)."""
+def onnx_header(path: Path) -> tuple[str | None, str]:
+    """From one read of an ONNX file: the checkpoint hash stamped in it (None when it has none: not written by
+    this script) and its inputs as 'name[dims]', a dynamic first dimension named 'batch' (the exporter calls it
+    s0...)."""
     import onnx
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}.get(SOURCE_KEY)
-
-
-def onnx_inputs(path: Path) -> str:
-    """An ONNX file's inputs as 'name[dims]', a dynamic first dimension named 'batch' (the exporter calls it s0...)."""
-    import onnx
+    model = onnx.load(str(path), load_external_data=False)
     described = []
-    for tensor in onnx.load(str(path), load_external_data=False).graph.input:
+    for tensor in model.graph.input:
         dims = [d.dim_param or str(d.dim_value) for d in tensor.type.tensor_type.shape.dim]
         if dims and tensor.type.tensor_type.shape.dim[0].dim_param:
             dims[0] = "batch"
         described.append(f"{tensor.name}[{','.join(dims)}]")
-    return ", ".join(described)
+    return {p.key: p.value for p in model.metadata_props}.get(SOURCE_KEY), ", ".join(described)
 
 
 def expected_inputs(graph: Graph) -> str:
-    """The inputs the graph's ONNX file has, in onnx_inputs' format."""
+    """The inputs the graph's ONNX file has, in onnx_header's format."""
     described = []
     for name, tensor in graph.make_inputs(1).items():
         dims = [str(d) for d in tensor.shape]
@@ -396,11 +393,9 @@ def onnx_file(ckpt: Path, graph: Graph) -> Path:
     path = graph_path(ckpt, graph.name)
     if path.exists():
         try:
-            source = onnx_source(path)
+            source, found = onnx_header(path)
         except Exception:   # truncated or not ONNX at all: nothing worth keeping
             source, found = None, None
-        else:
-            found = onnx_inputs(path)
         if source == trainlib.file_hash(ckpt):
             return path
         if source is None and found is not None and found != expected_inputs(graph):

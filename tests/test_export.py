@@ -216,8 +216,9 @@ def test_stale_onnx_graph_is_re_exported_and_a_foreign_one_refused(ckpts, tmp_pa
     cfg, model, vqvae = loaded_slotdiff(ckpts)
     graph = next(g for g in export.slotdiff_graphs(cfg, model, vqvae, with_step=True) if g.name == "ddpm_step")
     path = export.onnx_file(ckpt, graph)   # missing: exported, stamped with the checkpoint's hash
-    assert export.onnx_source(path) == trainlib.file_hash(ckpt)
-    assert export.onnx_inputs(path) == export.expected_inputs(graph) == \
+    source, inputs = export.onnx_header(path)
+    assert source == trainlib.file_hash(ckpt)
+    assert inputs == export.expected_inputs(graph) == \
         "x[batch,3,8,8], t[batch], slots[batch,3,8], noise[batch,3,8,8], coefs[3]"
     assert not list(tmp_path.glob(".partial-*"))   # written under another name, then renamed into place
     written = path.stat().st_mtime_ns
@@ -229,7 +230,7 @@ def test_stale_onnx_graph_is_re_exported_and_a_foreign_one_refused(ckpts, tmp_pa
     capsys.readouterr()
     export.onnx_file(ckpt, graph)
     assert "was exported from another version of checkpoint; re-exporting" in capsys.readouterr().out
-    assert export.onnx_source(path) == trainlib.file_hash(ckpt)
+    assert export.onnx_header(path)[0] == trainlib.file_hash(ckpt)
     step = export.ort_session(path)
     x, slots, t = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8), torch.full((2,), 500)
     coefs = model.diffusion.step_coefficients()[1][499].float()
@@ -249,7 +250,7 @@ def test_stale_onnx_graph_is_re_exported_and_a_foreign_one_refused(ckpts, tmp_pa
     with pytest.raises(InputError, match=r"is not an export of .*sd.pt: its inputs are slots\[batch,3,8\], this "
                                          r"checkpoint's ddpm_step takes x\[batch,3,8,8\], t\[batch\]"):
         export.onnx_file(ckpt, graph)
-    assert export.onnx_inputs(path) == "slots[batch,3,8]"   # refused, not overwritten
+    assert export.onnx_header(path)[1] == "slots[batch,3,8]"   # refused, not overwritten
 
 
 def test_sampling_backends_give_the_same_samples_and_auto_says_which_it_took(ckpts, tmp_path, capsys):
