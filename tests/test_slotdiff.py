@@ -261,6 +261,24 @@ def test_joint_training_step_lowers_the_loss_and_trains_the_encoder():
         assert loss() < before
 
 
+def test_encoder_steps_freeze_the_encoder_after_its_horizon_while_the_unet_trains():
+    cfg = tiny_joint_config(encoder_steps=4, warmup=1, steps=100, amp=False)
+    assert slotdiff.lr_scale(2, cfg, "encoder") < slotdiff.lr_scale(2, cfg, "unet")   # its cosine is shorter
+    assert slotdiff.lr_scale(4, cfg, "encoder") == slotdiff.lr_scale(50, cfg, "encoder") == 0.0
+    assert slotdiff.lr_scale(50, cfg, "unet") > 0.5
+    torch.manual_seed(0)
+    model = SlotDiffusion(cfg)
+    randomise_zero_inits(model.unet)  # otherwise no gradient reaches the encoder
+    opt, scaler = slotdiff.make_optimizer(model, cfg), trainlib.make_grad_scaler(torch.device("cpu"), False)
+    images, latents = torch.rand(4, 3, 16, 16), torch.randn(4, 3, 4, 4)
+    weights = lambda part: torch.cat([p.detach().flatten().clone() for p in part.parameters()])  # noqa: E731
+    for step, encoder_moves in [(2, True), (4, False)]:
+        encoder, unet = weights(model.encoder), weights(model.unet)
+        slotdiff.train_step(model, model, opt, scaler, images, latents, step, cfg, torch.device("cpu"))
+        assert not torch.equal(weights(model.unet), unet)
+        assert (not torch.equal(weights(model.encoder), encoder)) == encoder_moves
+
+
 def test_bad_settings_exit_with_one_line_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         slotdiff.main(["--slots", "-1"])
