@@ -659,6 +659,10 @@ def train(cfg: SDConfig, resume: str | None = None, overwrite: bool = False) -> 
         print(f"SlotDiffusion: encoder {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M + UNet "
               f"{sum(p.numel() for p in model.unet.parameters()) / 1e6:.2f}M params, latents "
               f"{tuple(train_latents.shape[1:])}, {len(train_set)} train / {len(val_set)} val scenes, device {device}")
+        if cfg.encoder_steps and not cfg.encoder_from and not resume:
+            print(f"note: --encoder-steps {cfg.encoder_steps} ends the slot encoder's training at step "
+                  f"{cfg.encoder_steps}, a setting for an encoder warm-started with --encoder-from; from scratch "
+                  f"it may stop before slots bind to objects (--encoder-steps 0 trains it throughout)")
 
     step_model = trainlib.compile_model(model, cfg.compile)
     if ddp.world_size > 1:

@@ -314,8 +314,12 @@ def test_cli_trains_resumes_exactly_and_evaluates(tmp_path, tiny_vae, monkeypatc
     monkeypatch.setattr(slotdiff.metrics, "fid_stats", fake_stats)
     monkeypatch.setattr(slotdiff.metrics, "fid", lambda real, fake, device=None, batch_size=32: 1.0)
     straight, split = tmp_path / "straight", tmp_path / "split"
-    slotdiff.main(TINY_CLI + ["--vae", tiny_vae, "--steps", "4", "--out", str(straight), "--no-eval"])
-    slotdiff.main(TINY_CLI + ["--vae", tiny_vae, "--steps", "2", "--out", str(split), "--no-eval"])
+    # the encoder's updates end at step 3 (--encoder-steps): a resume must keep that schedule too
+    slotdiff.main(TINY_CLI + ["--vae", tiny_vae, "--steps", "4", "--encoder-steps", "3", "--out", str(straight),
+                              "--no-eval"])
+    assert "note: --encoder-steps 3 ends the slot encoder's training at step 3" in capsys.readouterr().out
+    slotdiff.main(TINY_CLI + ["--vae", tiny_vae, "--steps", "2", "--encoder-steps", "3", "--out", str(split),
+                              "--no-eval"])
     slotdiff.main(["--resume", str(split / "ckpt.pt"), "--steps", "4"])  # + the final evaluation
 
     a = trainlib.load_checkpoint(straight / "ckpt.pt")
