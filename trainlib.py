@@ -382,8 +382,11 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        torch_write_error = isinstance(e, RuntimeError) and "write" in str(e)   # how torch reports ENOSPC
-        if isinstance(e, OSError) or torch_write_error:
+        # torch reports a full disk as a RuntimeError ("file write failed"), or as one from its zip writer
+        # ("unexpected pos") raised while the OSError it met is being handled
+        chain = [e, e.__context__]
+        torch_write_error = isinstance(e, RuntimeError) and ("write" in str(e) or "unexpected pos" in str(e))
+        if any(isinstance(c, OSError) for c in chain) or torch_write_error:
             kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
             raise InputError(f"could not write {path} ({e}); {kept}. Free disk space (or fix the folder), then "
                              f"resume") from None
