@@ -187,12 +187,13 @@ def torch_zip_writer_failed(*args, **kwargs):   # seen on this machine: the OSEr
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 26192704 vs 26192596")
 
 
-@pytest.mark.parametrize("disk_full", [torch_write_failed, torch_zip_writer_failed])
-def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_temp_file(disk_full, tmp_path, monkeypatch):
+@pytest.mark.parametrize("disk_full, cause", [(torch_write_failed, "file write failed"),
+                                              (torch_zip_writer_failed, "No space left on device")])
+def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_temp_file(disk_full, cause, tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
     trainlib.save_checkpoint({"step": 1}, path)
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(InputError, match="could not write .*ckpt.pt.*the previous ckpt.pt is kept"):
+    with pytest.raises(InputError, match=f"could not write .*ckpt.pt .*{cause}.*the previous ckpt.pt is kept"):
         trainlib.save_checkpoint({"step": 2}, path)
     monkeypatch.undo()
     assert trainlib.load_checkpoint(path)["step"] == 1 and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
