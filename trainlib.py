@@ -383,9 +383,9 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         # torch reports a full disk as a RuntimeError ("file write failed"), or as one from its zip writer
-        # ("unexpected pos") raised while the OSError it met is being handled
+        # raised while the OSError it met is being handled
         os_error = next((c for c in (e, e.__context__) if isinstance(c, OSError)), None)
-        torch_write_error = isinstance(e, RuntimeError) and ("write" in str(e) or "unexpected pos" in str(e))
+        torch_write_error = isinstance(e, RuntimeError) and "write" in str(e)
         if os_error is not None or torch_write_error:
             kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
             raise InputError(f"could not write {path} ({os_error or e}); {kept}. Free disk space (or fix the "

@@ -271,7 +271,10 @@ def test_encoder_steps_freeze_the_encoder_after_its_horizon_while_the_unet_train
     randomise_zero_inits(model.unet)  # otherwise no gradient reaches the encoder
     opt, scaler = slotdiff.make_optimizer(model, cfg), trainlib.make_grad_scaler(torch.device("cpu"), False)
     images, latents = torch.rand(4, 3, 16, 16), torch.randn(4, 3, 4, 4)
-    weights = lambda part: torch.cat([p.detach().flatten().clone() for p in part.parameters()])  # noqa: E731
+
+    def weights(part: torch.nn.Module) -> torch.Tensor:
+        return torch.cat([p.detach().flatten().clone() for p in part.parameters()])
+
     for step, encoder_moves in [(2, True), (4, False)]:
         encoder, unet = weights(model.encoder), weights(model.unet)
         slotdiff.train_step(model, model, opt, scaler, images, latents, step, cfg, torch.device("cpu"))
