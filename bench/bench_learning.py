@@ -214,11 +214,20 @@ def save_final(run: Run, out: Path) -> None:
     trainlib.save_checkpoint(state, ckpt)
 
 
-def value_at(curve: list[dict], minutes: float, key: str = "fg_ari") -> float | None:
-    """The score of the first evaluation at or after `minutes` (evaluations fall a step after each mark; None if
-    the run was shorter)."""
+def point_at(curve: list[dict], minutes: float) -> dict | None:
+    """The first evaluation at or after `minutes` (evaluations fall a step after each mark; None if the run was
+    shorter)."""
     later = [p for p in curve if p["minutes"] >= minutes - 1e-6]
-    return later[0][key] if later else None
+    return later[0] if later else None
+
+
+def table_cell(curve: list[dict], minutes: float) -> str:
+    """FG-ARI at a table mark; when --eval-minutes does not divide the mark, the minute it was measured at too."""
+    point = point_at(curve, minutes)
+    if point is None:
+        return "-"
+    late = point["minutes"] - minutes > 0.1   # more than the step past the mark every evaluation lands on
+    return f"{point['fg_ari']:.3f}" + (f" (at {point['minutes']:.1f} min)" if late else "")
 
 
 def write_results(runs: list[Run], args, path: Path) -> None:
@@ -268,11 +277,10 @@ def print_table(runs: list[Run]) -> None:
     print(f"\n| variant | steps | s/step | {marks} | final ARI | final mBO |")
     print("|---|---|---|" + "---|" * len(MARKS) + "---|---|")
     for r in runs:
-        cells = [value_at(r.curve, m) for m in MARKS]
         last = r.curve[-1] if r.curve else {}
         steps = r.earlier_steps + r.step
         print(f"| {r.name} | {steps} | {r.seconds / max(1, steps):.3f} | "
-              + " | ".join("-" if c is None else f"{c:.3f}" for c in cells)
+              + " | ".join(table_cell(r.curve, m) for m in MARKS)
               + f" | {last.get('ari', float('nan')):.3f} | {last.get('mbo', float('nan')):.3f} |")
 
 

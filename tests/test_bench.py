@@ -83,6 +83,15 @@ def test_interior_pixels_exclude_every_pixel_touching_another_object():
     assert torch.equal(inner, expected)
 
 
+def test_table_cell_names_the_minute_when_the_evaluation_is_later_than_the_mark():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_learning import table_cell
+    curve = [dict(minutes=0.0, fg_ari=0.0), dict(minutes=5.02, fg_ari=0.7), dict(minutes=12.0, fg_ari=0.8)]
+    assert table_cell(curve, 5) == "0.700"                  # a step past the mark is the mark
+    assert table_cell(curve, 10) == "0.800 (at 12.0 min)"   # evaluated every 3 minutes: not the 10-minute score
+    assert table_cell(curve, 20) == "-"                     # the run was shorter
+
+
 def test_ctrl_c_keeps_the_results_so_far(tmp_path):
     proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "bench_learning.py"), "--minutes", "10",
                              "--eval-minutes", "0.005", *TINY, "--out", str(tmp_path / "curves.json")],
