@@ -33,7 +33,7 @@ import trainlib  # noqa: E402
 from data import get_batch, load_split  # noqa: E402
 from errors import InputError  # noqa: E402
 
-# Ablations of the cpu preset (BO-QSA learned queries, 32x32, batch 16): each changes one choice; then SlotDiffusion
+# Ablations of the cpu preset (BO-QSA learned queries, 32x32, batch 8): each changes one choice; then SlotDiffusion
 # with the same encoder recipe, from scratch and warm-started from 5 minutes of Slot Attention.
 VARIANTS = {
     "cpu": {},
