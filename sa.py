@@ -72,6 +72,7 @@ class SAConfig:
     warmup: int = 10_000           # linear learning-rate warm-up steps
     decay_every: int = 100_000     # the learning rate halves (x decay_rate) every this many steps
     decay_rate: float = 0.5
+    cooldown: float = 0.0          # > 0: over this last share of the budget (--steps or --max-minutes) lr falls to 0
     steps: int = 500_000
     grad_clip: float = 0.0         # 0 = off (the paper does not clip)
     # system
@@ -122,7 +123,7 @@ def validate(cfg: SAConfig) -> None:
     trainlib.check_ranges(cfg, positive=("dec_channels", "broadcast_size", "batch_size", "lr", "decay_every",
                                          "decay_rate", "steps", "log_every", "eval_every", "eval_images",
                                          "ckpt_every", "num_train", "num_gen"),
-                          non_negative=("warmup", "grad_clip", "seed", "max_minutes"),
+                          non_negative=("warmup", "grad_clip", "seed", "max_minutes", "cooldown"),
                           choices=dict(comp_sample=("member", "gaussian")))
     resolution, broadcast = cfg.encoder.resolution, cfg.decoder.broadcast_size
     ratio = resolution / broadcast
@@ -133,6 +134,9 @@ def validate(cfg: SAConfig) -> None:
     if cfg.decay_rate > 1:
         raise InputError(f"--decay-rate {cfg.decay_rate}: the learning rate is multiplied by it every "
                          f"--decay-every steps, so it must be in (0, 1] (paper: 0.5)")
+    if cfg.cooldown > 1:
+        raise InputError(f"--cooldown {cfg.cooldown}: it is the share of the budget over which the learning rate "
+                         f"falls to 0, so it must be in [0, 1] (0 = off)")
     if cfg.num_val is not None and cfg.num_val < 2:
         raise InputError(f"--num-val {cfg.num_val}: FID needs at least 2 val images (default: the whole split)")
 
@@ -309,15 +313,18 @@ class SlotAutoencoder(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # training
 
-def lr_at(step: int, cfg: SAConfig) -> float:
-    return trainlib.lr_warmup_step_decay(step, cfg.lr, cfg.warmup, cfg.decay_every, cfg.decay_rate)
+def lr_at(step: int, cfg: SAConfig, progress: float = 0.0) -> float:
+    """The paper's warm-up and step decay, times the cool-down at the end of the budget (progress: its share
+    spent, in steps or minutes)."""
+    return (trainlib.lr_warmup_step_decay(step, cfg.lr, cfg.warmup, cfg.decay_every, cfg.decay_rate)
+            * trainlib.cooldown_factor(progress, cfg.cooldown))
 
 
 def train_step(step_model: nn.Module, model: SlotAutoencoder, opt: torch.optim.Optimizer, scaler, images: torch.Tensor,
-               step: int, cfg: SAConfig, device: torch.device) -> torch.Tensor:
-    """One optimiser step (step_model: the compiled / DDP view of model); returns the loss."""
+               lr: float, cfg: SAConfig, device: torch.device) -> torch.Tensor:
+    """One optimiser step at learning rate lr (step_model: the compiled / DDP view of model); returns the loss."""
     for group in opt.param_groups:
-        group["lr"] = lr_at(step, cfg)
+        group["lr"] = lr
     with trainlib.autocast(device, cfg.amp):
         loss = step_model(images)["loss"]
     trainlib.optimizer_step(loss, opt, scaler, model.parameters(), cfg.grad_clip)
@@ -404,8 +411,9 @@ def train(cfg: SAConfig, resume: str | None = None, overwrite: bool = False) -> 
         step_model = nn.parallel.DistributedDataParallel(step_model, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
     for step in loop.steps():
         images, _ = get_batch(train_set, step, cfg.batch_size, cfg.seed, device, ddp.rank, ddp.world_size)
-        loss = train_step(step_model, model, opt, scaler, images, step, cfg, device)
-        loop.end_step(step + 1, loss, lr_at(step, cfg),
+        lr = lr_at(step, cfg, loop.progress(step))
+        loss = train_step(step_model, model, opt, scaler, images, lr, cfg, device)
+        loop.end_step(step + 1, loss, lr,
                       evaluate=lambda: evaluate_masks(model, val_set, cfg, device, limit=cfg.eval_images),
                       state=lambda: checkpoint_state(model, opt, scaler, step + 1, cfg))
     if ddp.world_size > 1:

@@ -366,6 +366,15 @@ def lr_warmup_step_decay(step: int, base_lr: float, warmup: int, decay_every: in
     return base_lr * warm * decay_rate ** (step / decay_every)
 
 
+def cooldown_factor(progress: float, fraction: float) -> float:
+    """Warm-up-stable-decay's final phase (Hu et al. 2024, MiniCPM; Hagele et al. 2024): over the last `fraction`
+    of the training budget the learning rate falls linearly to 0, so a run ends annealed wherever its budget
+    ends, in steps or in minutes. progress: the share of the budget spent, 0 to 1. fraction 0 = no cool-down."""
+    if fraction <= 0:
+        return 1.0
+    return min(1.0, max(0.0, (1.0 - progress) / fraction))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # checkpoints and RNG state
 
@@ -585,7 +594,20 @@ class TimeBudget:
     The step-decay/cosine schedules are functions of the step, so stopping early leaves them consistent."""
 
     def __init__(self, minutes: float):
-        self.deadline = time.monotonic() + minutes * 60 if minutes > 0 else None
+        self.seconds = minutes * 60
+        self.deadline = time.monotonic() + self.seconds if minutes > 0 else None
+
+    def spent(self, world_size: int = 1, device: torch.device | None = None) -> float:
+        """The share of the budget used so far (0 without a budget); under DDP the first rank's clock for every
+        rank, so a schedule that follows it gives all of them the same learning rate."""
+        if self.deadline is None:
+            return 0.0
+        share = 1.0 - (self.deadline - time.monotonic()) / self.seconds
+        if world_size > 1:
+            value = torch.tensor(share, device=device)
+            dist.broadcast(value, src=0)
+            share = value.item()
+        return share
 
     def expired(self, world_size: int = 1, device: torch.device | None = None) -> bool:
         late = self.deadline is not None and time.monotonic() > self.deadline
@@ -754,6 +776,11 @@ class TrainLoop:
                     step += 1
             finally:
                 self.bar.close()
+
+    def progress(self, step: int) -> float:
+        """The share of the run spent before `step`: of --steps, or of --max-minutes when that is further along
+        (the learning-rate cool-down follows whichever budget ends the run)."""
+        return max(step / self.cfg.steps, self.budget.spent(self.world_size, self.device))
 
     def end_step(self, done: int, loss: torch.Tensor, lr: float, evaluate: Callable[[], dict],
                  state: Callable[[], dict]) -> None:

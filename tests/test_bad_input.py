@@ -65,6 +65,8 @@ def one_line_error(main, argv: list[str], needle: str) -> str:
     (["--enc-channels", "-3"], "--enc-channels -3"),
     (["--decay-every", "0"], "--decay-every 0"),
     (["--decay-rate", "2"], "--decay-rate 2.0"),
+    (["--cooldown", "1.5"], "--cooldown 1.5"),
+    (["--cooldown", "-0.1"], "--cooldown -0.1"),
     (["--lr", "-1e-3"], "--lr -0.001"),
     (["--lr", "nan"], "--lr nan"),
     (["--seed", "-1"], "--seed -1"),

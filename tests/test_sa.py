@@ -210,3 +210,13 @@ def test_time_budget_checkpoints_and_stops_early(tmp_path, monkeypatch):
     assert trainlib.load_checkpoint(ckpt)["step"] == 1
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("fg_ari" in r for r in records)     # the last step still logs and evaluates
+
+
+def test_cooldown_anneals_the_learning_rate_to_zero_at_the_end_of_the_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sa.train(tiny_cfg(out=str(tmp_path / "run"), steps=10, warmup=1, cooldown=0.5))
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+           if "lr" in r]
+    plain = [trainlib.lr_warmup_step_decay(s, 4e-4, 1, 100_000, 0.5) for s in range(10)]
+    assert lrs[:6] == pytest.approx(plain[:6])                       # steps 0-5: before the last half
+    assert lrs[6:] == pytest.approx([plain[s] * (10 - s) / 5 for s in range(6, 10)])   # then linearly to 0

@@ -28,6 +28,25 @@ def test_step_decay_halves_every_period_after_warmup():
     assert f(1000) == pytest.approx(2e-4) and f(2000) == pytest.approx(1e-4)
 
 
+def test_cooldown_falls_linearly_to_zero_over_the_last_share_of_the_budget():
+    f = lambda progress: trainlib.cooldown_factor(progress, fraction=0.2)
+    assert f(0.0) == f(0.75) == 1.0 and f(0.8) == pytest.approx(1.0)  # untouched before the last fifth
+    assert f(0.9) == pytest.approx(0.5) and f(0.95) == pytest.approx(0.25)
+    assert f(1.0) == 0.0 and f(1.3) == 0.0                           # never negative past the budget
+    assert trainlib.cooldown_factor(0.99, fraction=0.0) == 1.0       # off
+
+
+def test_time_budget_reports_the_share_spent(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(trainlib.time, "monotonic", lambda: clock[0])
+    budget = trainlib.TimeBudget(minutes=10)
+    clock[0] += 150
+    assert budget.spent() == pytest.approx(0.25) and not budget.expired()
+    clock[0] += 451
+    assert budget.spent() > 1 and budget.expired()
+    assert trainlib.TimeBudget(minutes=0).spent() == 0.0            # no budget: the steps alone count
+
+
 def test_checkpoint_is_atomic_and_round_trips(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
     trainlib.save_checkpoint({"w": torch.arange(3)}, path)
