@@ -123,8 +123,8 @@ def validate(cfg: SAConfig) -> None:
     trainlib.check_ranges(cfg, positive=("dec_channels", "broadcast_size", "batch_size", "lr", "decay_every",
                                          "decay_rate", "steps", "log_every", "eval_every", "eval_images",
                                          "ckpt_every", "num_train", "num_gen"),
-                          non_negative=("warmup", "grad_clip", "seed", "max_minutes", "cooldown"),
-                          choices=dict(comp_sample=("member", "gaussian")))
+                          non_negative=("warmup", "grad_clip", "seed", "max_minutes"),
+                          choices=dict(comp_sample=("member", "gaussian")), shares=("cooldown",))
     resolution, broadcast = cfg.encoder.resolution, cfg.decoder.broadcast_size
     ratio = resolution / broadcast
     if ratio < 1 or ratio != 2 ** round(math.log2(ratio)):
@@ -134,9 +134,6 @@ def validate(cfg: SAConfig) -> None:
     if cfg.decay_rate > 1:
         raise InputError(f"--decay-rate {cfg.decay_rate}: the learning rate is multiplied by it every "
                          f"--decay-every steps, so it must be in (0, 1] (paper: 0.5)")
-    if cfg.cooldown > 1:
-        raise InputError(f"--cooldown {cfg.cooldown}: it is the share of the budget over which the learning rate "
-                         f"falls to 0, so it must be in [0, 1] (0 = off)")
     if cfg.num_val is not None and cfg.num_val < 2:
         raise InputError(f"--num-val {cfg.num_val}: FID needs at least 2 val images (default: the whole split)")
 

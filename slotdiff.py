@@ -87,6 +87,7 @@ class SDConfig:
     encoder_steps: int = 0         # > 0: the encoder's cosine ends at 0 after this many steps (then it is frozen and
                                    # only the UNet trains); 0 = it follows the UNet's schedule over --steps
     warmup: int = 12_500           # linear learning-rate warm-up steps before the cosine decay
+    cooldown: float = 0.0          # > 0: over this last share of the budget (--steps or --max-minutes) lr falls to 0
     steps: int = 250_000
     grad_clip: float = 1.0         # 0 = off
     ema_decay: float = 0.0         # > 0: evaluate and sample with an EMA of the weights (trainlib.EMA); 0 = off
@@ -137,7 +138,7 @@ def validate(cfg: SDConfig) -> None:
                           non_negative=("dropout", "warmup", "grad_clip", "ema_decay", "seed", "max_minutes",
                                         "encoder_steps"),
                           choices=dict(comp_sample=("member", "gaussian"),
-                                       beta_schedule=("linear", "scaled_linear")))
+                                       beta_schedule=("linear", "scaled_linear")), shares=("cooldown",))
     if cfg.num_val is not None and cfg.num_val < 2:
         raise InputError(f"--num-val {cfg.num_val}: FID needs at least 2 val images (default: the whole split)")
     if cfg.sample_steps is not None:
@@ -510,13 +511,15 @@ def master_first(world_size: int, is_master: bool):
 # ----------------------------------------------------------------------------------------------------------
 # training
 
-def lr_scale(step: int, cfg: SDConfig, group: str = "unet") -> float:
-    """Warm-up + cosine, as a factor of a parameter group's base learning rate. With --encoder-steps the encoder
-    decays to 0 over its own shorter horizon: slots bound to objects early are then kept while the UNet learns to
-    draw from them."""
+def lr_scale(step: int, cfg: SDConfig, group: str = "unet", progress: float = 0.0) -> float:
+    """Warm-up + cosine, as a factor of a parameter group's base learning rate, times the cool-down at the end of
+    the budget (progress: its share spent, in steps or minutes). With --encoder-steps the encoder decays to 0 over
+    its own shorter horizon: slots bound to objects early are then kept while the UNet learns to draw from them."""
     if group == "encoder" and cfg.encoder_steps:
-        return trainlib.lr_warmup_cosine(step, 1.0, cfg.warmup, cfg.encoder_steps, min_ratio=0.0)
-    return trainlib.lr_warmup_cosine(step, 1.0, cfg.warmup, cfg.steps)
+        scale = trainlib.lr_warmup_cosine(step, 1.0, cfg.warmup, cfg.encoder_steps, min_ratio=0.0)
+    else:
+        scale = trainlib.lr_warmup_cosine(step, 1.0, cfg.warmup, cfg.steps)
+    return scale * trainlib.cooldown_factor(progress, cfg.cooldown)
 
 
 def batch_with_latents(scenes: Scenes, latents: torch.Tensor, step: int, cfg: SDConfig, device: torch.device,
@@ -535,11 +538,11 @@ def make_optimizer(model: SlotDiffusion, cfg: SDConfig) -> torch.optim.Adam:
 
 def train_step(step_model: nn.Module, model: SlotDiffusion, opt: torch.optim.Optimizer, scaler, images: torch.Tensor,
                latents: torch.Tensor, step: int, cfg: SDConfig, device: torch.device,
-               ema: trainlib.EMA | None = None) -> torch.Tensor:
+               ema: trainlib.EMA | None = None, progress: float = 0.0) -> torch.Tensor:
     """One optimiser step on images and their VAE latents (step_model: the compiled / DDP view of model), then
-    the EMA of the weights when there is one."""
+    the EMA of the weights when there is one; progress: the share of the budget spent (lr_scale)."""
     for group, name in zip(opt.param_groups, ("encoder", "unet")):   # make_optimizer's order
-        group["lr"] = group["base_lr"] * lr_scale(step, cfg, name)
+        group["lr"] = group["base_lr"] * lr_scale(step, cfg, name, progress)
     with trainlib.autocast(device, cfg.amp):
         loss = step_model(images, latents)["loss"]
     trainlib.optimizer_step(loss, opt, scaler, model.parameters(), cfg.grad_clip)
@@ -560,6 +563,11 @@ def checkpoint_state(model: nn.Module, opt: torch.optim.Optimizer, scaler, step:
 
 def make_ema(model: SlotDiffusion, cfg: SDConfig) -> trainlib.EMA | None:
     return trainlib.EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+
+
+def scored_model(model: SlotDiffusion, ema: trainlib.EMA | None) -> SlotDiffusion:
+    """The weights that evaluation and sampling use: the average when one is kept."""
+    return ema.model if ema is not None else model
 
 
 def load_frozen_vae(cfg: SDConfig, device: torch.device) -> tuple[vae.VQVAE, str]:
@@ -670,9 +678,10 @@ def train(cfg: SDConfig, resume: str | None = None, overwrite: bool = False) -> 
             step_model, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
     for step in loop.steps():
         images, latents = batch_with_latents(train_set, train_latents, step, cfg, device, ddp.rank, ddp.world_size)
-        loss = train_step(step_model, model, opt, scaler, images, latents, step, cfg, device, ema)
-        loop.end_step(step + 1, loss, cfg.unet_lr * lr_scale(step, cfg),
-                      evaluate=lambda: evaluate_loss_and_masks(ema.model if ema else model, val_set, val_latents,
+        progress = loop.progress(step)
+        loss = train_step(step_model, model, opt, scaler, images, latents, step, cfg, device, ema, progress)
+        loop.end_step(step + 1, loss, cfg.unet_lr * lr_scale(step, cfg, progress=progress),
+                      evaluate=lambda: evaluate_loss_and_masks(scored_model(model, ema), val_set, val_latents,
                                                                cfg, device, limit=cfg.eval_images),
                       state=lambda: checkpoint_state(model, opt, scaler, step + 1, cfg, vae_hash, ema))
     if ddp.world_size > 1:

@@ -246,9 +246,10 @@ def flag(name: str) -> str:
 
 
 def check_ranges(cfg, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
-                 choices: dict[str, tuple] | None = None) -> None:
+                 choices: dict[str, tuple] | None = None, shares: tuple[str, ...] = ()) -> None:
     """One line per impossible number or unknown choice, naming the flag: sizes, counts, intervals and learning
-    rates must be finite and > 0 (optional ones may be None), budgets, seeds and clip norms >= 0."""
+    rates must be finite and > 0 (optional ones may be None), budgets, seeds and clip norms >= 0, shares of a
+    whole in [0, 1]."""
     values = {leaf: functools.reduce(getattr, path, cfg) for leaf, path in config_paths(type(cfg)).items()}
 
     def is_number(value) -> bool:
@@ -262,6 +263,10 @@ def check_ranges(cfg, positive: tuple[str, ...] = (), non_negative: tuple[str, .
         value = values[name]
         if value is not None and not (is_number(value) and value >= 0):
             raise InputError(f"{flag(name)} {value}: must be a number >= 0")
+    for name in shares:
+        value = values[name]
+        if not (is_number(value) and 0 <= value <= 1):
+            raise InputError(f"{flag(name)} {value}: it is a share of the whole, so a number in [0, 1]")
     for name, allowed in (choices or {}).items():
         if values[name] not in allowed:
             raise InputError(f"{flag(name)} {values[name]!r}: choose one of {', '.join(map(str, allowed))}")

@@ -172,16 +172,16 @@ def train_for(run: Run, seconds: float, budget: float, scenes, device: torch.dev
     end = min(run.seconds + seconds, budget, run.next_eval, run.warm_seconds if run.then else budget)
     while run.seconds < end and run.step < run.cfg.steps:
         start = time.perf_counter()
+        # the cool-down follows this variant's own clock (a warm start's Slot Attention phase ends early)
+        progress = max(run.step / run.cfg.steps, run.seconds / (run.warm_seconds if run.then else budget))
         if isinstance(run.cfg, sa.SAConfig):
             images, _ = get_batch(scenes, run.step, run.cfg.batch_size, run.cfg.seed, device)
-            # the cool-down follows this variant's own clock (a warm start's Slot Attention phase ends early)
-            progress = max(run.step / run.cfg.steps, run.seconds / (run.warm_seconds if run.then else budget))
             lr = sa.lr_at(run.step, run.cfg, progress)
             sa.train_step(run.step_model, run.model, run.opt, run.scaler, images, lr, run.cfg, device).item()
         else:
             images, latents = slotdiff.batch_with_latents(scenes, run.latents[0], run.step, run.cfg, device)
             slotdiff.train_step(run.step_model, run.model, run.opt, run.scaler, images, latents, run.step, run.cfg,
-                                device, run.ema).item()
+                                device, run.ema, progress).item()
         run.seconds += time.perf_counter() - start
         run.step += 1
 
@@ -195,7 +195,7 @@ def continue_as_slotdiff(run: Run, device: torch.device, splits: dict, latents: 
 def evaluate(run: Run, val_set, device: torch.device, limit: int) -> dict:
     if isinstance(run.cfg, sa.SAConfig):
         return sa.evaluate_masks(run.model, val_set, run.cfg, device, limit=limit)
-    return slotdiff.evaluate_loss_and_masks(run.ema.model if run.ema else run.model, val_set, run.latents[1], run.cfg,
+    return slotdiff.evaluate_loss_and_masks(slotdiff.scored_model(run.model, run.ema), val_set, run.latents[1], run.cfg,
                                             device, limit=limit)
 
 

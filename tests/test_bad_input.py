@@ -92,6 +92,7 @@ def test_sa_settings(argv, needle, tmp_path, monkeypatch):
     (["--beta-start", "0.1", "--beta-end", "0.01"], "beta-start <= beta-end"),
     (["--num-val", "1"], "--num-val 1"),
     (["--encoder-steps", "-5"], "--encoder-steps -5"),
+    (["--cooldown", "2"], "--cooldown 2.0: it is a share of the whole, so a number in [0, 1]"),
     (["--sample-steps", "2000"], "--sample-steps 2000 must divide the 1000-step schedule"),
     (["--sample-steps", "300"], "use one of 1, 2, 4, 5, 8, 10, 20, 25, 40, 50, 100, 125, 200, 250, 500, 1000"),
     (["--dropout", "1"], "--dropout 1.0"),
