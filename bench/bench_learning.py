@@ -195,8 +195,8 @@ def continue_as_slotdiff(run: Run, device: torch.device, splits: dict, latents: 
 def evaluate(run: Run, val_set, device: torch.device, limit: int) -> dict:
     if isinstance(run.cfg, sa.SAConfig):
         return sa.evaluate_masks(run.model, val_set, run.cfg, device, limit=limit)
-    return slotdiff.evaluate_loss_and_masks(slotdiff.scored_model(run.model, run.ema), val_set, run.latents[1], run.cfg,
-                                            device, limit=limit)
+    return slotdiff.evaluate_loss_and_masks(slotdiff.scored_model(run.model, run.ema), val_set, run.latents[1],
+                                            run.cfg, device, limit=limit)
 
 
 def record_scores(run: Run, val_set, device: torch.device, args) -> None:
