@@ -576,14 +576,14 @@ class StopOnInterrupt:
     """The first Ctrl-C only sets .requested, so the loop can finish its step, checkpoint and exit;
     a second Ctrl-C interrupts immediately."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, then: str = "writing a checkpoint"):
+        self.requested, self.then = False, then
 
     def _handler(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to abort)", flush=True)
+        print(f"\ninterrupt: finishing this step and {self.then} (Ctrl-C again to abort)", flush=True)
 
     def __enter__(self):
         self._previous = signal.signal(signal.SIGINT, self._handler)

@@ -166,11 +166,12 @@ def make_run(name: str, cfg, device: torch.device, splits: dict, latents: dict,
     return Run(label, cfg, model, step_model, opt, trainlib.make_grad_scaler(device, cfg.amp), run_latents, ema)
 
 
-def train_for(run: Run, seconds: float, budget: float, scenes, device: torch.device) -> None:
-    """Train until `seconds` more have passed, the budget is spent, it is time to evaluate or a warm start's Slot
-    Attention phase is over."""
+def train_for(run: Run, seconds: float, budget: float, scenes, device: torch.device,
+              interrupt: trainlib.StopOnInterrupt) -> None:
+    """Train until `seconds` more have passed, the budget is spent, it is time to evaluate, a warm start's Slot
+    Attention phase is over or Ctrl-C was pressed."""
     end = min(run.seconds + seconds, budget, run.next_eval, run.warm_seconds if run.then else budget)
-    while run.seconds < end and run.step < run.cfg.steps:
+    while run.seconds < end and run.step < run.cfg.steps and not interrupt.requested:
         start = time.perf_counter()
         # the cool-down follows this variant's own clock (a warm start's Slot Attention phase ends early)
         progress = max(run.step / run.cfg.steps, run.seconds / (run.warm_seconds if run.then else budget))
@@ -328,30 +329,42 @@ def main() -> None:
             record_scores(r, splits[split_key(r.cfg)][1], device, args)
         print(f"{len(runs)} runs x {args.minutes:g} training minutes on {args.data}, round robin in "
               f"{args.slice:g}-second slices; results -> {out}")
-        while any(r.seconds < budget and r.step < r.cfg.steps for r in runs):
-            for i, r in enumerate(runs):
-                if r.seconds >= budget or r.step >= r.cfg.steps:
-                    continue
-                train_set, val_set = splits[split_key(r.cfg)]
-                train_for(r, args.slice, budget, train_set, device)
-                finished = r.seconds >= budget or r.step >= r.cfg.steps
-                if finished:
-                    save_final(r, out)
-                if r.seconds >= r.next_eval or finished:
-                    record_scores(r, val_set, device, args)
-                    r.next_eval += args.eval_minutes * 60
-                    write_results(runs, args, out)
-                if r.then and r.seconds >= r.warm_seconds and not finished:
-                    print(f"{r.name}: {r.seconds / 60:.1f} minutes of Slot Attention done; its encoder now starts "
-                          f"SlotDiffusion", flush=True)
-                    runs[i] = continue_as_slotdiff(r, device, splits, latents)
-                    record_scores(runs[i], val_set, device, args)   # the handed-over encoder's attention maps
+        # Ctrl-C only sets a flag that the loop checks between steps, so it is never lost in a library that
+        # catches KeyboardInterrupt, and the results are written once more before stopping
+        with trainlib.StopOnInterrupt(then="writing the results") as interrupt:
+            train_round_robin(runs, budget, splits, latents, device, args, out, interrupt)
+        if interrupt.requested:
+            write_results(runs, args, out)
+            raise KeyboardInterrupt
         print_table(runs)
         print(f"wrote {out} and {out.with_suffix('.png')}")
     except InputError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted; the results of every evaluation so far are in the JSON and PNG named above")
+
+
+def train_round_robin(runs: list[Run], budget: float, splits: dict, latents: dict, device: torch.device, args,
+                      out: Path, interrupt: trainlib.StopOnInterrupt) -> None:
+    """Every variant in turn, --slice seconds at a time, until each has spent the budget (or Ctrl-C)."""
+    while any(r.seconds < budget and r.step < r.cfg.steps for r in runs) and not interrupt.requested:
+        for i, r in enumerate(runs):
+            if r.seconds >= budget or r.step >= r.cfg.steps or interrupt.requested:
+                continue
+            train_set, val_set = splits[split_key(r.cfg)]
+            train_for(r, args.slice, budget, train_set, device, interrupt)
+            finished = r.seconds >= budget or r.step >= r.cfg.steps
+            if finished:
+                save_final(r, out)
+            if r.seconds >= r.next_eval or finished:
+                record_scores(r, val_set, device, args)
+                r.next_eval += args.eval_minutes * 60
+                write_results(runs, args, out)
+            if r.then and r.seconds >= r.warm_seconds and not finished:
+                print(f"{r.name}: {r.seconds / 60:.1f} minutes of Slot Attention done; its encoder now starts "
+                      f"SlotDiffusion", flush=True)
+                runs[i] = continue_as_slotdiff(r, device, splits, latents)
+                record_scores(runs[i], val_set, device, args)   # the handed-over encoder's attention maps
 
 
 if __name__ == "__main__":
