@@ -596,7 +596,8 @@ class StopOnInterrupt:
 
 class TimeBudget:
     """Ends training after `minutes` of wall time (0 = never), so a demo fits a fixed budget on any machine.
-    The step-decay/cosine schedules are functions of the step, so stopping early leaves them consistent."""
+    The step-decay/cosine schedules are functions of the step, so stopping early leaves them consistent; only
+    --cooldown follows the clock (spent)."""
 
     def __init__(self, minutes: float):
         self.seconds = minutes * 60
@@ -604,7 +605,7 @@ class TimeBudget:
 
     def spent(self, world_size: int = 1, device: torch.device | None = None) -> float:
         """The share of the budget used so far (0 without a budget); under DDP the first rank's clock for every
-        rank, so a schedule that follows it gives all of them the same learning rate."""
+        rank, so all of them stop at the same step and a schedule that follows it gives them the same rate."""
         if self.deadline is None:
             return 0.0
         share = 1.0 - (self.deadline - time.monotonic()) / self.seconds
@@ -615,12 +616,7 @@ class TimeBudget:
         return share
 
     def expired(self, world_size: int = 1, device: torch.device | None = None) -> bool:
-        late = self.deadline is not None and time.monotonic() > self.deadline
-        if world_size > 1 and self.deadline is not None:  # every DDP rank must stop at the same step
-            flag = torch.tensor(float(late), device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            late = bool(flag.item())
-        return late
+        return self.spent(world_size, device) > 1
 
 
 class TrainProgress:
@@ -769,7 +765,7 @@ class TrainLoop:
 
     def steps(self):
         """The step numbers to run, from the start until the last step, the budget or a Ctrl-C."""
-        self.budget = TimeBudget(self.cfg.max_minutes)
+        self.budget, self.spent = TimeBudget(self.cfg.max_minutes), 0.0
         self.bar = TrainProgress(self.start, self.cfg.steps, self.cfg.max_minutes, disable=not self.master)
         step = self.start
         if self.compiled and self.master:
@@ -783,14 +779,15 @@ class TrainLoop:
                 self.bar.close()
 
     def progress(self, step: int) -> float:
-        """The share of the run spent before `step`: of --steps, or of --max-minutes when that is further along
-        (the learning-rate cool-down follows whichever budget ends the run)."""
-        return max(step / self.cfg.steps, self.budget.spent(self.world_size, self.device))
+        """The share of the run spent before `step`: of --steps, or of --max-minutes (as measured at the end of
+        the step before) when that is further along; the learning-rate cool-down follows whichever ends the run."""
+        return max(step / self.cfg.steps, self.spent)
 
     def end_step(self, done: int, loss: torch.Tensor, lr: float, evaluate: Callable[[], dict],
                  state: Callable[[], dict]) -> None:
         cfg = self.cfg
-        out_of_time = self.budget.expired(self.world_size, self.device)
+        self.spent = self.budget.spent(self.world_size, self.device)   # one clock reading (and collective) a step
+        out_of_time = self.spent > 1
         last = done >= cfg.steps or out_of_time
         self.bar.update(done)
         if self.compiled and self.master and done == self.start + 1:
