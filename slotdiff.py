@@ -51,7 +51,9 @@ from sa import (EncoderConfig, SlotEncoder, attention_masks, check_resolution, c
 class UNetConfig:
     """The slot-conditioned UNet on the VAE latent (it reads the slot size from the encoder's config)."""
     base_channels: int = 64
-    channel_mult: tuple[int, ...] = (1, 2, 3, 4)  # one level per entry, each (but the first) with slot attention
+    channel_mult: tuple[int, ...] = (1, 2, 3, 4)  # one level per entry (the latent's size, halved at each next)
+    attn_from_level: int = 1       # levels from this one down (and the middle) get slot attention; the paper: 1,
+                                   # none at the full latent resolution
     num_res_blocks: int = 2        # per level going down; going up there is one more, for the down-sampler's skip
     head_dim: int = 32
     dropout: float = 0.1
@@ -153,7 +155,11 @@ def validate(cfg: SDConfig) -> None:
     if not unet.channel_mult or min(unet.channel_mult) < 1 or unet.dropout >= 1:
         raise InputError(f"--channel-mult {unet.channel_mult} / --dropout {unet.dropout}: need positive multipliers "
                          f"(e.g. 1,2,3) and a dropout in [0, 1)")
-    widths = sorted({unet.base_channels * m for m in unet.channel_mult[1:] + unet.channel_mult[-1:]})  # with attention
+    if not 0 <= unet.attn_from_level <= len(unet.channel_mult):
+        raise InputError(f"--attn-from-level {unet.attn_from_level}: need 0 to {len(unet.channel_mult)} for "
+                         f"--channel-mult {unet.channel_mult} (0: every level; the paper: 1)")
+    with_attention = unet.channel_mult[unet.attn_from_level:] + unet.channel_mult[-1:]   # the middle too
+    widths = sorted({unet.base_channels * m for m in with_attention})
     if any(w % unet.head_dim for w in widths):
         raise InputError(f"UNet widths {widths} (--base-channels x --channel-mult) must be multiples of "
                          f"--head-dim {unet.head_dim}; change one of them")
@@ -382,7 +388,7 @@ class UNetLayer(nn.ModuleList):
 
 class UNet(nn.Module):
     """eps_theta(x_t, t, slots) on the latent. Levels of num_res_blocks ResBlocks (each followed by a
-    SlotTransformer except at full resolution) joined by down-sampling ResBlocks; a middle of
+    SlotTransformer from level attn_from_level on) joined by down-sampling ResBlocks; a middle of
     ResBlock-SlotTransformer-ResBlock; the mirror image going up, every layer concatenating the matching skip."""
 
     def __init__(self, cfg: UNetConfig, slot_dim: int, latent_channels: int = 3):
@@ -402,7 +408,7 @@ class UNet(nn.Module):
         skip_channels, ch = [base], base
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                blocks = [res(ch, base * mult)] + ([attn(base * mult)] if level > 0 else [])
+                blocks = [res(ch, base * mult)] + ([attn(base * mult)] if level >= cfg.attn_from_level else [])
                 ch = base * mult
                 self.down.append(UNetLayer(blocks))
                 skip_channels.append(ch)
@@ -415,7 +421,8 @@ class UNet(nn.Module):
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                blocks = [res(ch + skip_channels.pop(), base * mult)] + ([attn(base * mult)] if level > 0 else [])
+                blocks = [res(ch + skip_channels.pop(), base * mult)] + (
+                    [attn(base * mult)] if level >= cfg.attn_from_level else [])
                 ch = base * mult
                 if level > 0 and i == cfg.num_res_blocks:
                     blocks.append(res(ch, ch, "up"))

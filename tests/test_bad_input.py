@@ -97,6 +97,7 @@ def test_sa_settings(argv, needle, tmp_path, monkeypatch):
     (["--sample-steps", "300"], "use one of 1, 2, 4, 5, 8, 10, 20, 25, 40, 50, 100, 125, 200, 250, 500, 1000"),
     (["--dropout", "1"], "--dropout 1.0"),
     (["--channel-mult", "1,0"], "--channel-mult (1, 0)"),
+    (["--attn-from-level", "4"], "--attn-from-level 4: need 0 to 3 for --channel-mult (1, 2, 3)"),
     (["--resolution", "40"], "--resolution 40 gives a 10x10 latent"),   # checked before any VAE is trained
     (["--encoder-from", "no_such_sa.pt"], "checkpoint no_such_sa.pt does not exist"),
 ])

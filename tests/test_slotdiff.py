@@ -121,6 +121,24 @@ def test_unet_output_depends_on_slots_and_timestep():
     torch.testing.assert_close(out, unet(x, torch.tensor([5]), slots[:, [2, 0, 1]]))
 
 
+@pytest.mark.parametrize("attn_from_level, sizes", [(1, {4}), (0, {8, 4}), (2, set())])
+def test_slot_attention_sits_at_the_levels_attn_from_level_names(attn_from_level, sizes):
+    """Latent 8x8, levels 8/4: the paper's UNet (1) attends to the slots below full resolution, 0 at every level,
+    and 2 (past the last level) only in the middle, which always has one; the output still follows the slots."""
+    unet = UNet(replace(TINY_UNET, attn_from_level=attn_from_level), SLOT_DIM).eval()
+    randomise_zero_inits(unet)
+    seen = []
+    hooks = [m.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[-1]))
+             for layer in (*unet.down, *unet.up) for m in layer if isinstance(m, SlotTransformer)]
+    x, slots = torch.randn(1, 3, 8, 8), torch.randn(1, 3, SLOT_DIM)
+    out = unet(x, torch.tensor([5]), slots)
+    for hook in hooks:
+        hook.remove()
+    assert set(seen) == sizes
+    assert any(isinstance(m, SlotTransformer) for m in unet.middle)
+    assert not torch.allclose(out, unet(x, torch.tensor([5]), torch.randn(1, 3, SLOT_DIM)))
+
+
 @pytest.mark.parametrize("resample, size_out", [("down", 4), ("up", 16)])
 def test_resampling_resblocks_change_resolution_by_two(resample, size_out):
     block = ResBlock(16, 24, time_dim=32, resample=resample)
