@@ -122,13 +122,12 @@ PRESETS = {
     # --ema-decay 0.999 lowered the val denoising loss 10% but its attention maps scored 0.03 lower FG-ARI. The
     # encoder's own cosine ends at step 6000 (--encoder-steps): with it running on, the attention maps drifted away
     # from the objects while the denoising loss fell (run 11: FG-ARI 0.615 at 8 min against 0.687 frozen). The
-    # learning rate cools to 0 over the last 30% of the budget (--cooldown; after the encoder has stopped, so only
-    # the UNet feels it): -6 to -18% denoising loss and reconstruction MSE at 10 minutes (runs 18 and 19).
+    # UNet's learning rate cools to 0 over the last 30% of the budget (--cooldown; the encoder keeps its own
+    # horizon): -6 to -18% denoising loss and reconstruction MSE at 10 minutes (runs 18 and 19).
     "cpu": dict(encoder=sa.PRESETS["cpu"]["encoder"], num_train=5_000, num_val=500,
                 unet=UNetConfig(base_channels=32, channel_mult=(1, 2, 3), num_res_blocks=1, head_dim=32, dropout=0.0),
                 batch_size=16, lr=1e-4, unet_lr=4e-4, warmup=500, encoder_steps=6_000, cooldown=0.3, steps=100_000,
-                max_minutes=20,
-                log_every=25, eval_every=500, eval_images=128, ckpt_every=500, sample_batch=250),
+                max_minutes=20, log_every=25, eval_every=500, eval_images=128, ckpt_every=500, sample_batch=250),
 }
 
 
@@ -524,12 +523,11 @@ def master_first(world_size: int, is_master: bool):
 def lr_scale(step: int, cfg: SDConfig, group: str = "unet", progress: float = 0.0) -> float:
     """Warm-up + cosine, as a factor of a parameter group's base learning rate, times the cool-down at the end of
     the budget (progress: its share spent, in steps or minutes). With --encoder-steps the encoder decays to 0 over
-    its own shorter horizon: slots bound to objects early are then kept while the UNet learns to draw from them."""
+    its own shorter horizon, in steps, whatever the budget (so the cool-down leaves it alone, and a slow machine
+    cannot cut it short): slots bound to objects early are then kept while the UNet learns to draw from them."""
     if group == "encoder" and cfg.encoder_steps:
-        scale = trainlib.lr_warmup_cosine(step, 1.0, cfg.warmup, cfg.encoder_steps, min_ratio=0.0)
-    else:
-        scale = trainlib.lr_warmup_cosine(step, 1.0, cfg.warmup, cfg.steps)
-    return scale * trainlib.cooldown_factor(progress, cfg.cooldown)
+        return trainlib.lr_warmup_cosine(step, 1.0, cfg.warmup, cfg.encoder_steps, min_ratio=0.0)
+    return trainlib.lr_warmup_cosine(step, 1.0, cfg.warmup, cfg.steps) * trainlib.cooldown_factor(progress, cfg.cooldown)
 
 
 def batch_with_latents(scenes: Scenes, latents: torch.Tensor, step: int, cfg: SDConfig, device: torch.device,

@@ -284,10 +284,13 @@ def test_encoder_steps_freeze_the_encoder_after_its_horizon_while_the_unet_train
     assert slotdiff.lr_scale(2, cfg, "encoder") < slotdiff.lr_scale(2, cfg, "unet")   # its cosine is shorter
     assert slotdiff.lr_scale(4, cfg, "encoder") == slotdiff.lr_scale(50, cfg, "encoder") == 0.0
     assert slotdiff.lr_scale(50, cfg, "unet") > 0.5
-    cooled = replace(cfg, cooldown=0.25)   # --cooldown scales both groups down over the budget's last quarter
+    cooled = replace(cfg, cooldown=0.25)   # --cooldown scales the UNet down over the budget's last quarter ...
     assert slotdiff.lr_scale(50, cooled, "unet", progress=0.75) == pytest.approx(slotdiff.lr_scale(50, cfg, "unet"))
     assert slotdiff.lr_scale(50, cooled, "unet", progress=0.875) == pytest.approx(slotdiff.lr_scale(50, cfg) / 2)
-    assert slotdiff.lr_scale(2, cooled, "encoder", progress=1.0) == 0.0
+    # ... while an encoder with its own horizon keeps it, even if the budget runs out first
+    assert slotdiff.lr_scale(2, cooled, "encoder", progress=0.99) == slotdiff.lr_scale(2, cfg, "encoder") > 0
+    no_horizon = replace(cooled, encoder_steps=0)   # then the encoder follows the UNet's schedule, cool-down included
+    assert slotdiff.lr_scale(2, no_horizon, "encoder", progress=1.0) == 0.0
     torch.manual_seed(0)
     model = SlotDiffusion(cfg)
     randomise_zero_inits(model.unet)  # otherwise no gradient reaches the encoder
