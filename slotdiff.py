@@ -105,7 +105,8 @@ class SDConfig:
     ckpt_every: int = 1_000
     max_minutes: float = 0.0       # wall-time budget for training (0 = none): checkpoint, stop, evaluate
     # evaluation
-    num_recon: int = 8             # val images reconstructed (slots -> DDPM -> VAE decode) for the picture + MSE
+    num_recon: int = 64            # val images reconstructed (slots -> DDPM -> VAE decode) for the MSE; the picture
+                                   # shows the first 8 (a mean over 8 images is too noisy to compare runs by)
     comp_sample: str = "member"    # compositional generation: "member" (a random cluster member) or "gaussian"
     num_gen: int | None = None     # images to generate for FID (None = size of the val split)
 
@@ -405,12 +406,16 @@ class UNet(nn.Module):
         def attn(ch: int) -> SlotTransformer:
             return SlotTransformer(ch, slot_dim, cfg.head_dim, cfg.dropout)
 
+        def level_blocks(level: int, i: int, o: int) -> list[nn.Module]:
+            """A level's ResBlock, with slot attention after it from level attn_from_level on."""
+            return [res(i, o)] + ([attn(o)] if level >= cfg.attn_from_level else [])
+
         self.conv_in = nn.Conv2d(latent_channels, base, 3, padding=1)
         self.down = nn.ModuleList()
         skip_channels, ch = [base], base
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                blocks = [res(ch, base * mult)] + ([attn(base * mult)] if level >= cfg.attn_from_level else [])
+                blocks = level_blocks(level, ch, base * mult)
                 ch = base * mult
                 self.down.append(UNetLayer(blocks))
                 skip_channels.append(ch)
@@ -423,8 +428,7 @@ class UNet(nn.Module):
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                blocks = [res(ch + skip_channels.pop(), base * mult)] + (
-                    [attn(base * mult)] if level >= cfg.attn_from_level else [])
+                blocks = level_blocks(level, ch + skip_channels.pop(), base * mult)
                 ch = base * mult
                 if level > 0 and i == cfg.num_res_blocks:
                     blocks.append(res(ch, ch, "up"))
@@ -751,11 +755,12 @@ def generate(model: SlotDiffusion, vqvae: vae.VQVAE, slots: torch.Tensor, cfg: S
 
 
 def save_reconstructions(images: torch.Tensor, true_masks: torch.Tensor, attn: torch.Tensor, vae_recon: np.ndarray,
-                         recon: np.ndarray, path: Path) -> None:
-    """One row per val image: input | VAE alone (the ceiling) | slots -> DDPM -> VAE | true masks | attention masks."""
+                         recon: np.ndarray, path: Path, shown: int = 8) -> None:
+    """One row per val image, the first `shown`: input | VAE alone (the ceiling) | slots -> DDPM -> VAE | true masks
+    | attention masks."""
     pred = attention_masks(attn, *images.shape[-2:])
     rows = []
-    for i in range(len(images)):
+    for i in range(min(len(images), shown)):
         rows += [to_uint8(images[i:i + 1] * 2 - 1)[0], vae_recon[i], recon[i],
                  colorize_masks(true_masks[i].cpu().numpy()), colorize_masks(pred[i].cpu().numpy())]
     save_grid(np.stack(rows), str(path), nrow=5, labels=["input", "VAE", "sampled", "true", "attention"])

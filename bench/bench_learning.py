@@ -67,6 +67,10 @@ class Run:
     next_eval: float = 0.0
     curve: list = field(default_factory=list)
 
+    def done(self, budget: float) -> bool:
+        """Spent the budget or ran out of steps."""
+        return self.seconds >= budget or self.step >= self.cfg.steps
+
 
 def safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
@@ -171,7 +175,7 @@ def train_for(run: Run, seconds: float, budget: float, scenes, device: torch.dev
     """Train until `seconds` more have passed, the budget is spent, it is time to evaluate, a warm start's Slot
     Attention phase is over or Ctrl-C was pressed."""
     end = min(run.seconds + seconds, budget, run.next_eval, run.warm_seconds if run.then else budget)
-    while run.seconds < end and run.step < run.cfg.steps and not interrupt.requested:
+    while not run.done(end) and not interrupt.requested:
         start = time.perf_counter()
         # the cool-down follows this variant's own clock (a warm start's Slot Attention phase ends early)
         progress = max(run.step / run.cfg.steps, run.seconds / (run.warm_seconds if run.then else budget))
@@ -347,13 +351,13 @@ def main() -> None:
 def train_round_robin(runs: list[Run], budget: float, splits: dict, latents: dict, device: torch.device, args,
                       out: Path, interrupt: trainlib.StopOnInterrupt) -> None:
     """Every variant in turn, --slice seconds at a time, until each has spent the budget (or Ctrl-C)."""
-    while any(r.seconds < budget and r.step < r.cfg.steps for r in runs) and not interrupt.requested:
+    while not all(r.done(budget) for r in runs) and not interrupt.requested:
         for i, r in enumerate(runs):
-            if r.seconds >= budget or r.step >= r.cfg.steps or interrupt.requested:
+            if r.done(budget) or interrupt.requested:
                 continue
             train_set, val_set = splits[split_key(r.cfg)]
             train_for(r, args.slice, budget, train_set, device, interrupt)
-            finished = r.seconds >= budget or r.step >= r.cfg.steps
+            finished = r.done(budget)
             if finished:
                 save_final(r, out)
             if r.seconds >= r.next_eval or finished:
