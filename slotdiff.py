@@ -758,9 +758,10 @@ def save_reconstructions(images: torch.Tensor, true_masks: torch.Tensor, attn: t
                          recon: np.ndarray, path: Path, shown: int = 8) -> None:
     """One row per val image, the first `shown`: input | VAE alone (the ceiling) | slots -> DDPM -> VAE | true masks
     | attention masks."""
-    pred = attention_masks(attn, *images.shape[-2:])
+    images, true_masks = images[:shown], true_masks[:shown]
+    pred = attention_masks(attn[:shown], *images.shape[-2:])   # masks only for the rows drawn
     rows = []
-    for i in range(min(len(images), shown)):
+    for i in range(len(images)):
         rows += [to_uint8(images[i:i + 1] * 2 - 1)[0], vae_recon[i], recon[i],
                  colorize_masks(true_masks[i].cpu().numpy()), colorize_masks(pred[i].cpu().numpy())]
     save_grid(np.stack(rows), str(path), nrow=5, labels=["input", "VAE", "sampled", "true", "attention"])
