@@ -81,7 +81,7 @@ def load_any(ckpt: str | Path, device: torch.device = torch.device("cpu")):
         cfg, model, _ = sa.load(ckpt, device=device)
         return kind, cfg, model, None
     what = f"a {trainlib.SCRIPTS[kind]} checkpoint" if kind in trainlib.SCRIPTS else "not a checkpoint of this project"
-    raise InputError(f"{ckpt} is {what}; export takes the ckpt.pt that sa.py or slotdiff.py writes")
+    raise InputError(f"{ckpt} is {what}; pass the ckpt.pt that sa.py or slotdiff.py writes")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -471,7 +471,8 @@ def pick_sampler(backend: str, ckpt: Path, cfg: slotdiff.SDConfig, model: slotdi
     binding); on a CPU it times a few DDPM steps of each backend on `slots` (one sampling batch) and takes the
     faster, since which one wins depends on the processor (ORT's CPU provider has no bf16 kernels, inductor has)."""
     batch = len(slots)
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}[trainlib.amp_dtype(device)] if cfg.amp else "fp32"
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[trainlib.amp_dtype(device) if cfg.amp
+                                                                             else None]
     torch_name = f"PyTorch {'compiled' if cfg.compile else 'eager'} {precision}"
     on_ort = on_torch = None   # the samplers the timing made, reused
     if backend == "auto" and device.type == "cuda":

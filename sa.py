@@ -321,10 +321,11 @@ def lr_at(step: int, cfg: SAConfig, progress: float = 0.0) -> float:
 
 
 def train_step(step_model: nn.Module, model: SlotAutoencoder, opt: torch.optim.Optimizer, scaler, images: torch.Tensor,
-               lr: float, cfg: SAConfig, device: torch.device) -> torch.Tensor:
-    """One optimiser step at learning rate lr (step_model: the compiled / DDP view of model); returns the loss."""
+               step: int, cfg: SAConfig, device: torch.device, progress: float = 0.0) -> torch.Tensor:
+    """One optimiser step at lr_at(step, progress) (step_model: the compiled / DDP view of model; progress: the
+    share of the budget spent); returns the loss."""
     for group in opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr_at(step, cfg, progress)
     with trainlib.autocast(device, cfg.amp):
         loss = step_model(images)["loss"]
     trainlib.optimizer_step(loss, opt, scaler, model.parameters(), cfg.grad_clip)
@@ -411,9 +412,9 @@ def train(cfg: SAConfig, resume: str | None = None, overwrite: bool = False) -> 
         step_model = nn.parallel.DistributedDataParallel(step_model, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
     for step in loop.steps():
         images, _ = get_batch(train_set, step, cfg.batch_size, cfg.seed, device, ddp.rank, ddp.world_size)
-        lr = lr_at(step, cfg, loop.progress(step))
-        loss = train_step(step_model, model, opt, scaler, images, lr, cfg, device)
-        loop.end_step(step + 1, loss, lr,
+        progress = loop.progress(step)
+        loss = train_step(step_model, model, opt, scaler, images, step, cfg, device, progress)
+        loop.end_step(step + 1, loss, lr_at(step, cfg, progress),
                       evaluate=lambda: evaluate_masks(model, val_set, cfg, device, limit=cfg.eval_images),
                       state=lambda: checkpoint_state(model, opt, scaler, step + 1, cfg))
     if ddp.world_size > 1:

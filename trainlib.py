@@ -337,17 +337,26 @@ def free_memory(device: torch.device) -> int | None:
     return None
 
 
-def amp_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the hardware has it (CPU, Ampere+), fp16 on older GPUs (needs a GradScaler)."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
+def cpu_has_bf16() -> bool:
+    """Whether this CPU does bf16 arithmetic in hardware (AVX-512 BF16 or AMX). Without it (an AVX2-only CPU)
+    PyTorch emulates bf16: a sa.py cpu-preset training step ran 12.8x slower than in fp32 (bench/bench_sa.py)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """What --amp autocasts to: bf16 where the hardware has it (Ampere+ GPUs, CPUs with cpu_has_bf16), fp16 on
+    older GPUs (needs a GradScaler), None = stay in fp32 on a CPU without bf16 arithmetic, where autocast would
+    make every step an order of magnitude slower."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else None
 
 
 def autocast(device: torch.device, enabled: bool = True):
-    if not enabled:
+    dtype = amp_dtype(device) if enabled else None
+    if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype(device))
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def make_grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
@@ -369,6 +378,12 @@ def lr_warmup_step_decay(step: int, base_lr: float, warmup: int, decay_every: in
     """Locatello et al. 2020: linear warm-up, then multiply by decay_rate every decay_every steps (smoothly)."""
     warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
     return base_lr * warm * decay_rate ** (step / decay_every)
+
+
+def budget_progress(step: int, steps: int, spent: float) -> float:
+    """The share of a run's budget spent before `step`: of its steps, or of its time (`spent`, 0 to 1) when that is
+    further along; the learning-rate cool-down follows whichever ends the run."""
+    return max(step / steps, spent)
 
 
 def cooldown_factor(progress: float, fraction: float) -> float:
@@ -770,6 +785,9 @@ class TrainLoop:
         step = self.start
         if self.compiled and self.master:
             self.bar.write(compile_notice(self.title))
+        if getattr(self.cfg, "amp", False) and self.master and amp_dtype(self.device or torch.device("cpu")) is None:
+            self.bar.write("--amp: this CPU has no bf16 arithmetic (AVX-512 BF16 or AMX), where bf16 autocast runs "
+                           "~13x slower than fp32; training in fp32")
         with self.interrupt:
             try:
                 while not self.finished:
@@ -779,9 +797,8 @@ class TrainLoop:
                 self.bar.close()
 
     def progress(self, step: int) -> float:
-        """The share of the run spent before `step`: of --steps, or of --max-minutes (as measured at the end of
-        the step before) when that is further along; the learning-rate cool-down follows whichever ends the run."""
-        return max(step / self.cfg.steps, self.spent)
+        """budget_progress of --steps and --max-minutes (its time as measured at the end of the step before)."""
+        return budget_progress(step, self.cfg.steps, self.spent)
 
     def end_step(self, done: int, loss: torch.Tensor, lr: float, evaluate: Callable[[], dict],
                  state: Callable[[], dict]) -> None:

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import export  # noqa: E402
 import metrics  # noqa: E402
 import sa  # noqa: E402
-import slotdiff  # noqa: E402
 import trainlib  # noqa: E402
 from data import iterate_batches, load_split  # noqa: E402
 from errors import InputError  # noqa: E402
@@ -41,11 +41,7 @@ def main() -> None:
     p.add_argument("--ckpt", default="runs/sa/ckpt.pt", help="a checkpoint written by sa.py or slotdiff.py")
     args = p.parse_args()
     try:
-        kind = trainlib.load_checkpoint(args.ckpt).get("kind")
-        if kind == "slotdiff":
-            cfg, model, _, _ = slotdiff.load(args.ckpt)
-        else:
-            cfg, model, _ = sa.load(args.ckpt)
+        kind, cfg, model, _ = export.load_any(args.ckpt)
         scenes = load_split(cfg.data, "val", cfg.encoder.resolution, cfg.num_val)
     except InputError as e:
         sys.exit(f"error: {e}")

@@ -31,7 +31,7 @@ import sa  # noqa: E402
 import slotdiff  # noqa: E402
 import trainlib  # noqa: E402
 import vae  # noqa: E402
-from benchlib import matmul_peak, sync  # noqa: E402
+from benchlib import matmul_peak, reduced_precision, sync  # noqa: E402
 
 
 def cuda_graph_sampler(unet: torch.nn.Module, diffusion: slotdiff.Diffusion, slots: torch.Tensor, latent_shape):
@@ -134,7 +134,7 @@ def bench_ddpm(args, device: torch.device, scratch: Path) -> None:
 
     def torch_sampler(denoiser, amp: bool):
         def run():
-            with torch.no_grad(), trainlib.autocast(device, amp):
+            with torch.no_grad(), reduced_precision(device, amp):
                 return diffusion.sample(denoiser, slots, latent_shape, steps=args.steps, progress=False)
         return run
 
@@ -184,7 +184,7 @@ def bench_decoder(args, device: torch.device, scratch: Path) -> None:
 
     def torch_decode(module, amp: bool):
         def run():
-            with torch.no_grad(), trainlib.autocast(device, amp):
+            with torch.no_grad(), reduced_precision(device, amp):
                 for _ in range(args.decode_iters):
                     image = module(slots)[0]
             return image

@@ -178,11 +178,12 @@ def train_for(run: Run, seconds: float, budget: float, scenes, device: torch.dev
     while not run.done(end) and not interrupt.requested:
         start = time.perf_counter()
         # the cool-down follows this variant's own clock (a warm start's Slot Attention phase ends early)
-        progress = max(run.step / run.cfg.steps, run.seconds / (run.warm_seconds if run.then else budget))
+        progress = trainlib.budget_progress(run.step, run.cfg.steps,
+                                            run.seconds / (run.warm_seconds if run.then else budget))
         if isinstance(run.cfg, sa.SAConfig):
             images, _ = get_batch(scenes, run.step, run.cfg.batch_size, run.cfg.seed, device)
-            lr = sa.lr_at(run.step, run.cfg, progress)
-            sa.train_step(run.step_model, run.model, run.opt, run.scaler, images, lr, run.cfg, device).item()
+            sa.train_step(run.step_model, run.model, run.opt, run.scaler, images, run.step, run.cfg, device,
+                          progress).item()
         else:
             images, latents = slotdiff.batch_with_latents(scenes, run.latents[0], run.step, run.cfg, device)
             slotdiff.train_step(run.step_model, run.model, run.opt, run.scaler, images, latents, run.step, run.cfg,

@@ -3,11 +3,20 @@ import time
 
 import torch
 
+import trainlib
+
 
 def sync(device: torch.device) -> None:
     """Wait for queued GPU work, so wall-clock timings cover it."""
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def reduced_precision(device: torch.device, enabled: bool):
+    """Autocast to the GPU's AMP dtype, or to bf16 on a CPU even where it has no bf16 arithmetic and
+    trainlib.autocast (what the scripts use) stays in fp32 there: a benchmark shows the raw cost of a "bf16" row."""
+    dtype = trainlib.amp_dtype(device) if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:

@@ -163,7 +163,7 @@ def test_fp16_export_keeps_float32_interface_and_stays_close(ckpts):
 def test_missing_or_foreign_checkpoint_is_a_clear_input_error(ckpts, tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         export.export_checkpoint(tmp_path / "nope.pt")
-    with pytest.raises(InputError, match="is a vae.py checkpoint; export takes the ckpt.pt that sa.py or slotdiff.py"):
+    with pytest.raises(InputError, match="is a vae.py checkpoint; pass the ckpt.pt that sa.py or slotdiff.py"):
         export.export_checkpoint(ckpts / "vae.pt")   # a real checkpoint, but of the VQ-VAE
     (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="unreadable"):

@@ -174,3 +174,17 @@ def test_ema_is_the_ramped_exponential_average_and_round_trips():
     copy = trainlib.EMA(torch.nn.Linear(2, 1, bias=False), decay=0.3)
     copy.load_state_dict(ema.state_dict())
     assert copy.updates == 4 and torch.equal(copy.model.weight, ema.model.weight)
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_amp_on_a_cpu_autocasts_to_bf16_only_where_the_hardware_has_it(monkeypatch, native_bf16):
+    # on an AVX2-only CPU bf16 is emulated (12.8x slower than fp32 in bench_sa): --amp must then stay in fp32
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cpu = torch.device("cpu")
+    with trainlib.autocast(cpu, enabled=True):
+        product = torch.ones(4, 4) @ torch.ones(4, 4)
+    assert product.dtype == (torch.bfloat16 if native_bf16 else torch.float32)
+    assert trainlib.amp_dtype(cpu) == (torch.bfloat16 if native_bf16 else None)
+    with trainlib.autocast(cpu, enabled=False):
+        assert (torch.ones(4, 4) @ torch.ones(4, 4)).dtype == torch.float32
