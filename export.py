@@ -471,9 +471,7 @@ def pick_sampler(backend: str, ckpt: Path, cfg: slotdiff.SDConfig, model: slotdi
     binding); on a CPU it times a few DDPM steps of each backend on `slots` (one sampling batch) and takes the
     faster, since which one wins depends on the processor (ORT's CPU provider has no bf16 kernels, inductor has)."""
     batch = len(slots)
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[trainlib.amp_dtype(device) if cfg.amp
-                                                                             else None]
-    torch_name = f"PyTorch {'compiled' if cfg.compile else 'eager'} {precision}"
+    torch_name = f"PyTorch {'compiled' if cfg.compile else 'eager'} {trainlib.precision(device, cfg.amp)}"
     on_ort = on_torch = None   # the samplers the timing made, reused
     if backend == "auto" and device.type == "cuda":
         backend, why = "onnxruntime", "ONNX Runtime's CUDA provider with I/O binding, the GPU path"

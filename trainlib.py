@@ -352,6 +352,11 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cpu_has_bf16() else None
 
 
+def precision(device: torch.device, amp: bool) -> str:
+    """What --amp trains and samples in on this device, for the logs: "bf16", "fp16" or "fp32"."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp_dtype(device) if amp else None]
+
+
 def autocast(device: torch.device, enabled: bool = True):
     dtype = amp_dtype(device) if enabled else None
     if dtype is None:
@@ -769,7 +774,7 @@ class TrainLoop:
                  images_per_step: int = 1, epoch_size: int = 1, compiled: bool = False):
         self.compiled = compiled
         self.cfg, self.start, self.out, self.script, self.title = cfg, start, Path(out), script, title
-        self.master, self.world_size, self.device = master, world_size, device
+        self.master, self.world_size, self.device = master, world_size, device or torch.device("cpu")
         self.images_per_step, self.epoch_size = images_per_step, epoch_size
         self.ckpt = self.out / "ckpt.pt"
         self.log = MetricsLog(self.out / "metrics.jsonl", resume_step=start if resumed else None) if master else None
@@ -785,7 +790,7 @@ class TrainLoop:
         step = self.start
         if self.compiled and self.master:
             self.bar.write(compile_notice(self.title))
-        if getattr(self.cfg, "amp", False) and self.master and amp_dtype(self.device or torch.device("cpu")) is None:
+        if getattr(self.cfg, "amp", False) and self.master and precision(self.device, True) == "fp32":
             self.bar.write("--amp: this CPU has no bf16 arithmetic (AVX-512 BF16 or AMX), where bf16 autocast runs "
                            "~13x slower than fp32; training in fp32")
         with self.interrupt:

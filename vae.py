@@ -464,9 +464,9 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) 
         code_counts = state["code_counts"].to(device)
     print(f"VQ-VAE {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {cfg.model}, "
           f"{len(train_scenes)} train / {len(val_scenes)} val scenes at {cfg.resolution}px, device {device}, "
-          f"amp {cfg.amp}")
+          f"{trainlib.precision(device, cfg.amp)}")
     loop = trainlib.TrainLoop(cfg, start, Path(cfg.out), script="vae.py", title="VQ-VAE", resumed=bool(resume),
-                              images_per_step=cfg.batch_size, epoch_size=len(train_scenes))
+                              device=device, images_per_step=cfg.batch_size, epoch_size=len(train_scenes))
     model.train()
     for step in loop.steps():
         images, _ = data.get_batch(train_scenes, step, cfg.batch_size, cfg.seed, device)

@@ -220,3 +220,15 @@ def test_cooldown_anneals_the_learning_rate_to_zero_at_the_end_of_the_run(tmp_pa
     plain = [trainlib.lr_warmup_step_decay(s, 4e-4, 1, 100_000, 0.5) for s in range(10)]
     assert lrs[:6] == pytest.approx(plain[:6])                       # steps 0-5: before the last half
     assert lrs[6:] == pytest.approx([plain[s] * (10 - s) / 5 for s in range(6, 10)])   # then linearly to 0
+
+
+def test_amp_on_a_cpu_without_bf16_trains_in_fp32_and_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(trainlib, "cpu_has_bf16", lambda: False)
+    seen = []
+    original = sa.SlotAutoencoder.forward
+    monkeypatch.setattr(sa.SlotAutoencoder, "forward",
+                        lambda self, images: seen.append(torch.is_autocast_enabled("cpu")) or original(self, images))
+    sa.train(tiny_cfg(out=str(tmp_path / "run"), steps=2, amp=True))
+    assert seen and not any(seen)
+    assert "no bf16 arithmetic" in capsys.readouterr().out
