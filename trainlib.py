@@ -744,8 +744,8 @@ def compile_notice(title: str, what: str = "the training step") -> str:
     """What to expect while `what` compiles: the time it took last time here, or the first-run cost."""
     last = compile_times().get(title)
     if last is None:
-        return (f"compiling {what} (first run on this machine only: up to ~1 minute on 2 cores; later runs reuse "
-                f".cache/inductor)")
+        return (f"compiling {what} (first run on this machine only: 0.5 to 4 minutes on 2 cores, measured; later "
+                f"runs reuse .cache/inductor)")
     return f"compiling {what} (cached in .cache/inductor: ~{last:.0f} s last time)"
 
 
