@@ -97,10 +97,11 @@ def main():
             v["peak_gib"] = peak_rss_gib()
 
     # without bf16 hardware the emulated bf16 matmul (minutes to measure there) is no ceiling: the fp32 peak is
+    bf16_hardware = trainlib.amp_dtype(device) is not None
     peak32 = matmul_peak(device, torch.float32)
-    peak = matmul_peak(device, torch.bfloat16) if trainlib.amp_dtype(device) is not None else peak32
+    peak = matmul_peak(device, torch.bfloat16) if bf16_hardware else peak32
     print(f"measured matmul peak: fp32 {peak32 / 1e12:.2f} TFLOP/s, bf16 "
-          + (f"{peak / 1e12:.2f} TFLOP/s" if peak is not peak32 else "emulated (MFU against the fp32 peak)"))
+          + (f"{peak / 1e12:.2f} TFLOP/s" if bf16_hardware else "emulated (MFU against the fp32 peak)"))
     for name, v in variants.items():
         s = statistics.median(v["times"])
         ref = peak if "bf16" in name else peak32
