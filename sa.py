@@ -571,7 +571,8 @@ def evaluate(ckpt: str | Path, cfg: SAConfig | None = None, out: str | Path | No
 # command line: every config field is a flag (--slot-init learned, --compile 0, ...); presets are override dicts
 
 def main(argv: list[str] | None = None) -> None:
-    trainlib.run_command_line(argv, SAConfig, PRESETS, __doc__, "sa", validate, train, evaluate)
+    trainlib.run_command_line(argv, SAConfig, PRESETS, __doc__, "sa", validate, train, evaluate,
+                              eval_needs=metrics.require_fid)
 
 
 if __name__ == "__main__":

@@ -838,7 +838,8 @@ def evaluate(ckpt: str | Path, cfg: SDConfig | None = None, out: str | Path | No
 # are override dicts
 
 def main(argv: list[str] | None = None) -> None:
-    trainlib.run_command_line(argv, SDConfig, PRESETS, __doc__, "slotdiff", validate, train, evaluate)
+    trainlib.run_command_line(argv, SDConfig, PRESETS, __doc__, "slotdiff", validate, train, evaluate,
+                              eval_needs=metrics.require_fid)
 
 
 if __name__ == "__main__":

@@ -195,14 +195,17 @@ def parse_command_line(cls, presets: dict, argv: list[str], description: str, ki
 
 
 def run_command_line(argv: list[str] | None, cls, presets: dict, description: str, kind: str, validate: Callable,
-                     train: Callable, evaluate: Callable) -> None:
+                     train: Callable, evaluate: Callable, eval_needs: Callable[[], None] | None = None) -> None:
     """The command line of a training script: `train` (the default; then the checkpoint is evaluated with its own
-    config, where training resolved settings such as --slots 0) or `eval --ckpt PATH [--out DIR]`. Any
+    config, where training resolved settings such as --slots 0) or `eval --ckpt PATH [--out DIR]`. eval_needs
+    checks, before any work, what the evaluation needs from the environment (not asked with --no-eval). Any
     InputError ends the program as one line, exit code 1."""
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         command, cfg, args = parse_command_line(cls, presets, argv, description, kind)
         validate(cfg)
+        if eval_needs and (command == "eval" or not args.no_eval):
+            eval_needs()
         if command == "eval":
             if not args.ckpt:
                 raise InputError(f"eval needs --ckpt PATH (e.g. {cls().out}/ckpt.pt, written by training)")
@@ -213,6 +216,9 @@ def run_command_line(argv: list[str] | None, cls, presets: dict, description: st
             evaluate(ckpt)
     except InputError as e:
         sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():   # under torchrun: NCCL warns of leaked resources otherwise (seen on an H200)
+            dist.destroy_process_group()
 
 
 def attach_negative_numbers(argv: list[str]) -> list[str]:
@@ -744,8 +750,8 @@ def compile_notice(title: str, what: str = "the training step") -> str:
     """What to expect while `what` compiles: the time it took last time here, or the first-run cost."""
     last = compile_times().get(title)
     if last is None:
-        return (f"compiling {what} (first run on this machine only: 0.5 to 4 minutes on 2 cores, measured; later "
-                f"runs reuse .cache/inductor)")
+        return (f"compiling {what} (first run on this machine only: 0.5 to 4 minutes, measured on 2-core CPUs and "
+                f"for paper-size models on an H200; later runs reuse .cache/inductor)")
     return f"compiling {what} (cached in .cache/inductor: ~{last:.0f} s last time)"
 
 
