@@ -213,6 +213,21 @@ def export_graph(graph: Graph, path: Path, fmt: str) -> None:
                       input_names=list(inputs), output_names=graph.output_names, verbose=False)
 
 
+def ort_has_cuda() -> bool:
+    """Whether this ONNX Runtime build has the CUDA provider (onnxruntime-gpu has it, the plain onnxruntime not)."""
+    import onnxruntime as ort
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def require_ort_on(device: torch.device) -> None:
+    """ONNX Runtime runs on the CPU always, on a GPU only in the onnxruntime-gpu build."""
+    import onnxruntime as ort
+    if device.type == "cuda" and not ort_has_cuda():
+        raise InputError(f"ONNX Runtime {ort.__version__} has no CUDA provider (providers: "
+                         f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu (requirements.txt), "
+                         f"or sample with --backend torch, or pass --device cpu")
+
+
 def ort_session(path: str | Path, device: torch.device = torch.device("cpu"), threads: int | None = None):
     """ORT session tuned for speed: all graph optimisations, one intra-op thread per core (or `threads`) on the
     CPU; on CUDA it runs on torch's current stream, so torch and ORT kernels are ordered without host syncs."""
@@ -220,6 +235,7 @@ def ort_session(path: str | Path, device: torch.device = torch.device("cpu"), th
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or os.cpu_count() or 1
+    require_ort_on(device)
     if device.type == "cuda":
         ort.preload_dlls()  # the CUDA / cuDNN libraries of the nvidia-* wheels torch came with
         stream = torch.cuda.current_stream(device).cuda_stream
@@ -473,8 +489,10 @@ def pick_sampler(backend: str, ckpt: Path, cfg: slotdiff.SDConfig, model: slotdi
     batch = len(slots)
     torch_name = f"PyTorch {'compiled' if cfg.compile else 'eager'} {trainlib.precision(device, cfg.amp)}"
     on_ort = on_torch = None   # the samplers the timing made, reused
-    if backend == "auto" and device.type == "cuda":
+    if backend == "auto" and device.type == "cuda" and ort_has_cuda():
         backend, why = "onnxruntime", "ONNX Runtime's CUDA provider with I/O binding, the GPU path"
+    elif backend == "auto" and device.type == "cuda":
+        backend, why = "torch", "this ONNX Runtime has no CUDA provider; onnxruntime-gpu would sample there"
     elif backend == "auto":
         on_ort, on_torch = ort_sampler(ckpt, cfg, model, vqvae, device), slotdiff.pytorch_sampler(model, cfg, device)
         print(f"timing DDPM steps of ONNX Runtime fp32 and {torch_name} at batch {batch}...", flush=True)
@@ -544,11 +562,15 @@ def main(argv: list[str] | None = None) -> None:
             raise InputError("export needs --ckpt PATH (e.g. runs/sa/ckpt.pt or runs/slotdiff/ckpt.pt)")
         if command == "export":
             export_checkpoint(args.ckpt, args.format, args.fp16)
-        elif command == "fid":
-            fid_slotdiff(Path(args.ckpt), args.num_gen, args.sample_steps, trainlib.pick_device(args.device),
-                         args.backend)
+            return
+        metrics.require_fid()
+        device = trainlib.pick_device(args.device)
+        if command == "fid-sa" or args.backend == "onnxruntime":
+            require_ort_on(device)   # before the export and the slot library, not after them
+        if command == "fid":
+            fid_slotdiff(Path(args.ckpt), args.num_gen, args.sample_steps, device, args.backend)
         else:
-            fid_sa(Path(args.ckpt), args.num_gen, trainlib.pick_device(args.device))
+            fid_sa(Path(args.ckpt), args.num_gen, device)
     except InputError as e:
         sys.exit(f"error: {e}")
 

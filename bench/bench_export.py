@@ -32,6 +32,7 @@ import slotdiff  # noqa: E402
 import trainlib  # noqa: E402
 import vae  # noqa: E402
 from benchlib import matmul_peak, reduced_precision, sync  # noqa: E402
+from errors import InputError  # noqa: E402
 
 
 def cuda_graph_sampler(unet: torch.nn.Module, diffusion: slotdiff.Diffusion, slots: torch.Tensor, latent_shape):
@@ -146,9 +147,12 @@ def bench_ddpm(args, device: torch.device, scratch: Path) -> None:
     if device.type == "cuda":
         graph_sample = cuda_graph_sampler(unet, diffusion, slots, latent_shape)
         variants = {"torch eager bf16": torch_sampler(unet, True),
-                    "torch CUDA graph bf16": lambda: graph_sample(args.steps),
-                    "ORT CUDA fp32 (I/O binding)": ort_sampler(scratch / "ddpm_step.onnx"),
-                    "ORT CUDA fp16 (I/O binding)": ort_sampler(scratch / "ddpm_step_fp16.onnx")}
+                    "torch CUDA graph bf16": lambda: graph_sample(args.steps)}
+        if export.ort_has_cuda():
+            variants.update({"ORT CUDA fp32 (I/O binding)": ort_sampler(scratch / "ddpm_step.onnx"),
+                             "ORT CUDA fp16 (I/O binding)": ort_sampler(scratch / "ddpm_step_fp16.onnx")})
+        else:
+            print("  (no ORT rows: this ONNX Runtime has no CUDA provider; install onnxruntime-gpu)")
     else:
         variants = {"torch eager fp32": torch_sampler(unet, False), "torch eager bf16": torch_sampler(unet, True),
                     "torch compiled fp32": torch_sampler(compiled, False),
@@ -179,7 +183,8 @@ def bench_decoder(args, device: torch.device, scratch: Path) -> None:
     print(f"\nSpatial Broadcast Decoder, sa cpu preset ({cfg.encoder.resolution}px, K={slots_per_scene}, "
           f"{cfg.decoder.dec_channels} ch), "
           f"batch {batch} scenes, {counter.get_total_flops() / batch / 1e9:.3f} GFLOP per image")
-    session = export.ort_session(scratch / "decoder.onnx", device, args.threads)
+    on_ort = device.type == "cpu" or export.ort_has_cuda()
+    session = export.ort_session(scratch / "decoder.onnx", device, args.threads) if on_ort else None
     shape = (batch, 3, cfg.encoder.resolution, cfg.encoder.resolution)
 
     def torch_decode(module, amp: bool):
@@ -198,8 +203,9 @@ def bench_decoder(args, device: torch.device, scratch: Path) -> None:
     compiled = torch.compile(decoder)
     variants = {"torch eager fp32": torch_decode(decoder, False), "torch eager bf16": torch_decode(decoder, True),
                 "torch compiled fp32": torch_decode(compiled, False),
-                "torch compiled bf16": torch_decode(compiled, True),
-                f"ORT {device.type.upper()} fp32": ort_decode}
+                "torch compiled bf16": torch_decode(compiled, True)}
+    if on_ort:
+        variants[f"ORT {device.type.upper()} fp32"] = ort_decode
     seconds, diffs = run_rounds(variants, args.rounds, device)
     peak = matmul_peak(device, torch.bfloat16) if device.type == "cuda" else None
     print_table(seconds, diffs, batch, flops, "s/batch", peak, scale=1 / args.decode_iters)
@@ -220,10 +226,13 @@ def main():
     torch.set_num_threads(args.threads)
     print(f"device {device}, {args.threads} threads for torch and ONNX Runtime, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as scratch:
-        if args.only in (None, "ddpm"):
-            bench_ddpm(args, device, Path(scratch))
-        if args.only in (None, "decoder"):
-            bench_decoder(args, device, Path(scratch))
+        try:
+            if args.only in (None, "ddpm"):
+                bench_ddpm(args, device, Path(scratch))
+            if args.only in (None, "decoder"):
+                bench_decoder(args, device, Path(scratch))
+        except InputError as e:   # e.g. a --ckpt that does not exist
+            sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -290,3 +290,18 @@ def test_pytorch_sampler_announces_and_times_its_compilation_once(ckpts, tmp_pat
     torch.testing.assert_close(sample(slots, (3, 8, 8), 4, progress=False), first)
     assert sample(slots, (3, 8, 8), 4, steps=1, progress=False).shape == first.shape   # a shorter chain on request
     assert "compiling" not in capsys.readouterr().out   # once per sampler
+
+
+def test_onnxruntime_without_a_cuda_provider_is_named_before_any_work(ckpts, monkeypatch, capsys):
+    """The plain onnxruntime package (an H200 machine's image had 1.30 with only the CPU and Azure providers) on a
+    GPU: sampling with --backend onnxruntime is refused in one line naming onnxruntime-gpu, before the export."""
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert not export.ort_has_cuda()
+    with pytest.raises(InputError, match="has no CUDA provider .*install onnxruntime-gpu"):
+        export.require_ort_on(torch.device("cuda"))
+    export.require_ort_on(torch.device("cpu"))
+    monkeypatch.setattr(export.trainlib, "pick_device", lambda name: torch.device("cuda"))
+    with pytest.raises(SystemExit, match="has no CUDA provider"):
+        export.main(["fid", "--ckpt", str(ckpts / "sd.pt"), "--backend", "onnxruntime"])
