@@ -100,7 +100,8 @@ def main():
     bf16_hardware = trainlib.amp_dtype(device) is not None
     peak32 = matmul_peak(device, torch.float32)
     peak = matmul_peak(device, torch.bfloat16) if bf16_hardware else peak32
-    print(f"measured matmul peak: fp32 {peak32 / 1e12:.2f} TFLOP/s, bf16 "
+    fp32 = "fp32 (TF32, as cuDNN's convolutions)" if device.type == "cuda" else "fp32"
+    print(f"measured matmul peak: {fp32} {peak32 / 1e12:.2f} TFLOP/s, bf16 "
           + (f"{peak / 1e12:.2f} TFLOP/s" if bf16_hardware else "emulated (MFU against the fp32 peak)"))
     for name, v in variants.items():
         s = statistics.median(v["times"])
