@@ -492,9 +492,11 @@ def ensure_vae(cfg: SDConfig, cache_dir: str = ".cache") -> str:
     path = folder / "ckpt.pt"
     if path.exists():
         state = trainlib.load_checkpoint(path, kind="vae")
-        if state["step"] >= state["config"]["steps"]:
+        if state.get("finished") or state["step"] >= state["config"]["steps"]:
             return str(path.resolve())
-    print(f"no --vae given: training a VQ-VAE (vae.py --preset {preset}) in {folder}; later runs reuse it")
+    cap = f" or {vae_cfg.max_minutes:g} minutes, whichever comes first" if vae_cfg.max_minutes else ""
+    print(f"no --vae given: training a VQ-VAE (vae.py --preset {preset}: {vae_cfg.steps} steps{cap}) in {folder}; "
+          f"later runs reuse it")
     vae.train(vae_cfg, resume=str(path) if path.exists() else None)
     return str(path.resolve())
 

@@ -378,10 +378,13 @@ def make_grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScale
 # ----------------------------------------------------------------------------------------------------------
 # learning-rate schedules: pure functions of the step, so resuming needs no scheduler state
 
-def lr_warmup_cosine(step: int, base_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
+def lr_warmup_cosine(step: int, base_lr: float, warmup: int, total: int, min_ratio: float = 0.1,
+                     spent: float = 0.0) -> float:
+    """Linear warm-up, then a cosine to min_ratio * base_lr at step `total`, or sooner when `spent` (the share of a
+    --max-minutes budget used, TrainLoop.spent) is further along: a run the clock stops still ends annealed."""
     if step < warmup:
         return base_lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, max((step - warmup) / max(1, total - warmup), spent))
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -622,8 +625,8 @@ class StopOnInterrupt:
 
 class TimeBudget:
     """Ends training after `minutes` of wall time (0 = never), so a demo fits a fixed budget on any machine.
-    The step-decay/cosine schedules are functions of the step, so stopping early leaves them consistent; only
-    --cooldown follows the clock (spent)."""
+    The step-decay/cosine schedules are functions of the step, so stopping early leaves them consistent; --cooldown
+    and vae.py's cosine follow the clock too (spent)."""
 
     def __init__(self, minutes: float):
         self.seconds = minutes * 60
@@ -836,7 +839,7 @@ class TrainLoop:
             self.bar.write(f"step {done}: " + "  ".join(f"{SCORE_NAMES.get(k, k)} {v:.4f}" for k, v in scores.items()))
             plot_loss_curves(self.log.records(), self.out / "loss_curves.png", title=self.title)
         if self.master and (done % cfg.ckpt_every == 0 or last or self.interrupt.requested):
-            save_checkpoint(state(), self.ckpt)
+            save_checkpoint({**state(), "finished": last}, self.ckpt)   # finished: by --steps or --max-minutes
         if out_of_time and self.master:
             self.bar.write(f"--max-minutes {cfg.max_minutes:g} reached at step {done}; checkpoint {self.ckpt} "
                            f"(train further with: python {self.script} --resume {self.ckpt} --max-minutes N)")

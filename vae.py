@@ -356,9 +356,10 @@ PRESETS = {
     # the width (GroupNorm needs multiples of 32), narrower deep levels, one block per level, 32x32 -> 8x8
     # latents, a codebook small enough that a few thousand scenes keep all of it in use. 4000 steps (~3.5 min on
     # 2 cores) rather than 800: val PSNR 28.0 vs 24.7 dB, and the FID of its reconstructions, the ceiling of
-    # SlotDiffusion's generations, 70 vs 140 (docs/results.md)
+    # SlotDiffusion's generations, 70 vs 140 (docs/results.md). At most 7 minutes (the cosine then follows the
+    # clock): a CPU without AVX-512 ran these 4000 steps in 14.5 min, which put `make demo-diffusion` over 40 min
     "cpu": dict(resolution=32, model=VAEConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, n_embed=512),
-                batch_size=16, steps=4000, lr=1e-3, warmup=100),
+                batch_size=16, steps=4000, lr=1e-3, warmup=100, max_minutes=7),
 }
 
 
@@ -476,7 +477,7 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) 
         elif cfg.restart_every and step % cfg.restart_every == 0:
             reseed_codes(model, images, code_counts == 0)
             code_counts.zero_()
-        lr = trainlib.lr_warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps)
+        lr = trainlib.lr_warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps, spent=loop.spent)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with trainlib.autocast(device, cfg.amp):

@@ -413,3 +413,22 @@ def test_without_vae_flag_a_vae_is_trained_once_then_reused(tmp_path, monkeypatc
     monkeypatch.setitem(vae.PRESETS, "cpu", {**vae.PRESETS["cpu"], "steps": 9})
     assert slotdiff.ensure_vae(cfg) != path and len(trainings) == 3   # the preset changed: a new VAE, not the old
     assert slotdiff.ensure_vae(replace(cfg, vae="given.pt")) == str(Path("given.pt").resolve())
+
+
+def test_a_vae_the_clock_stopped_is_reused_not_trained_again(tmp_path, monkeypatch):
+    """vae.py's cpu preset stops at 4000 steps or 7 minutes: a checkpoint that says finished at step 1 of 2 (the
+    clock ended it) is the cached VAE; without that mark it would be resumed for another 7 minutes each run."""
+    monkeypatch.chdir(tmp_path)
+    trainings = []
+
+    def fake_train(cfg, resume=None):
+        trainings.append(resume)
+        assert cfg.max_minutes == vae.PRESETS["cpu"]["max_minutes"] > 0
+        cfg = trainlib.with_overrides(cfg, dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, n_embed=16, steps=2))
+        state = dict(kind="vae", model=vae.VQVAE(cfg.model).state_dict(), config=asdict(cfg), step=1, finished=True)
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        torch.save(state, Path(cfg.out) / "ckpt.pt")
+
+    monkeypatch.setattr(vae, "train", fake_train)
+    cfg = trainlib.make_config(SDConfig, dict(resolution=32, num_train=8, device="cpu"))
+    assert slotdiff.ensure_vae(cfg) == slotdiff.ensure_vae(cfg) and trainings == [None]

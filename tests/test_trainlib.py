@@ -22,6 +22,15 @@ def test_warmup_cosine_endpoints_and_monotone_decay():
     assert lrs[110] == pytest.approx(0.1) and lrs[119] == pytest.approx(0.1)
 
 
+def test_warmup_cosine_follows_the_clock_when_it_is_further_along():
+    """spent: the share of a --max-minutes budget used; a run the clock stops at step 20 of 110 ends annealed."""
+    f = lambda step, spent: trainlib.lr_warmup_cosine(step, 1.0, warmup=10, total=110, min_ratio=0.1, spent=spent)
+    assert f(20, 0.0) == pytest.approx(trainlib.lr_warmup_cosine(20, 1.0, 10, 110, 0.1))
+    assert f(20, 0.5) == pytest.approx(0.55) and f(20, 1.0) == pytest.approx(0.1)
+    assert f(100, 0.5) == pytest.approx(f(100, 0.0))   # the steps further along: they decide
+    assert f(5, 0.9) == pytest.approx(0.6)             # warm-up stays a function of the step
+
+
 def test_step_decay_halves_every_period_after_warmup():
     f = lambda s: trainlib.lr_warmup_step_decay(s, 4e-4, warmup=100, decay_every=1000, decay_rate=0.5)
     assert f(0) == pytest.approx(4e-4 / 100 * 0.5 ** (0 / 1000))
