@@ -22,8 +22,8 @@ demo: $(STAMP)
 
 # Part 2: SlotDiffusion (cpu preset) starts its slot encoder from Part 1's: $(OUT)/sa from `make demo` when it
 # exists, else 8 minutes of sa.py first (from scratch, the denoising loss alone does not bind slots to objects
-# within CPU minutes: docs/results.md). Then a small VQ-VAE (4000 steps or 7 minutes; trained once, cached), 17 minutes of SlotDiffusion,
-# and the evaluation with 1000-step DDPM + FID.
+# within CPU minutes: docs/results.md). Then a small VQ-VAE (4000 steps or 7 minutes; trained once, cached),
+# 17 minutes of SlotDiffusion, and the evaluation with 1000-step DDPM + FID.
 ENCODER = $(if $(wildcard $(OUT)/sa/ckpt.pt),$(OUT)/sa/ckpt.pt,$(OUT)/sa-encoder/ckpt.pt)
 demo-diffusion: $(STAMP)
 	test -f $(ENCODER) || $(PY) sa.py --preset cpu --max-minutes 8 --no-eval --out $(OUT)/sa-encoder
