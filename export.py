@@ -213,16 +213,16 @@ def export_graph(graph: Graph, path: Path, fmt: str) -> None:
                       input_names=list(inputs), output_names=graph.output_names, verbose=False)
 
 
-def ort_has_cuda() -> bool:
-    """Whether this ONNX Runtime build has the CUDA provider (onnxruntime-gpu has it, the plain onnxruntime not)."""
+def ort_runs_on(device: torch.device) -> bool:
+    """ONNX Runtime runs on the CPU always, on a GPU only in a build with the CUDA provider (onnxruntime-gpu; the
+    plain onnxruntime package has none)."""
     import onnxruntime as ort
-    return "CUDAExecutionProvider" in ort.get_available_providers()
+    return device.type != "cuda" or "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 def require_ort_on(device: torch.device) -> None:
-    """ONNX Runtime runs on the CPU always, on a GPU only in the onnxruntime-gpu build."""
     import onnxruntime as ort
-    if device.type == "cuda" and not ort_has_cuda():
+    if not ort_runs_on(device):
         raise InputError(f"ONNX Runtime {ort.__version__} has no CUDA provider (providers: "
                          f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu (requirements.txt), "
                          f"or sample with --backend torch, or pass --device cpu")
@@ -489,7 +489,7 @@ def pick_sampler(backend: str, ckpt: Path, cfg: slotdiff.SDConfig, model: slotdi
     batch = len(slots)
     torch_name = f"PyTorch {'compiled' if cfg.compile else 'eager'} {trainlib.precision(device, cfg.amp)}"
     on_ort = on_torch = None   # the samplers the timing made, reused
-    if backend == "auto" and device.type == "cuda" and ort_has_cuda():
+    if backend == "auto" and device.type == "cuda" and ort_runs_on(device):
         backend, why = "onnxruntime", "ONNX Runtime's CUDA provider with I/O binding, the GPU path"
     elif backend == "auto" and device.type == "cuda":
         backend, why = "torch", "this ONNX Runtime has no CUDA provider; onnxruntime-gpu would sample there"

@@ -148,7 +148,7 @@ def bench_ddpm(args, device: torch.device, scratch: Path) -> None:
         graph_sample = cuda_graph_sampler(unet, diffusion, slots, latent_shape)
         variants = {"torch eager bf16": torch_sampler(unet, True),
                     "torch CUDA graph bf16": lambda: graph_sample(args.steps)}
-        if export.ort_has_cuda():
+        if export.ort_runs_on(device):
             variants.update({"ORT CUDA fp32 (I/O binding)": ort_sampler(scratch / "ddpm_step.onnx"),
                              "ORT CUDA fp16 (I/O binding)": ort_sampler(scratch / "ddpm_step_fp16.onnx")})
         else:
@@ -183,7 +183,7 @@ def bench_decoder(args, device: torch.device, scratch: Path) -> None:
     print(f"\nSpatial Broadcast Decoder, sa cpu preset ({cfg.encoder.resolution}px, K={slots_per_scene}, "
           f"{cfg.decoder.dec_channels} ch), "
           f"batch {batch} scenes, {counter.get_total_flops() / batch / 1e9:.3f} GFLOP per image")
-    on_ort = device.type == "cpu" or export.ort_has_cuda()
+    on_ort = export.ort_runs_on(device)
     session = export.ort_session(scratch / "decoder.onnx", device, args.threads) if on_ort else None
     shape = (batch, 3, cfg.encoder.resolution, cfg.encoder.resolution)
 

@@ -298,7 +298,7 @@ def test_onnxruntime_without_a_cuda_provider_is_named_before_any_work(ckpts, mon
     import onnxruntime
 
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    assert not export.ort_has_cuda()
+    assert not export.ort_runs_on(torch.device("cuda")) and export.ort_runs_on(torch.device("cpu"))
     with pytest.raises(InputError, match="has no CUDA provider .*install onnxruntime-gpu"):
         export.require_ort_on(torch.device("cuda"))
     export.require_ort_on(torch.device("cpu"))
