@@ -307,6 +307,28 @@ def test_encoder_steps_freeze_the_encoder_after_its_horizon_while_the_unet_train
         assert (not torch.equal(weights(model.encoder), encoder)) == encoder_moves
 
 
+def test_encoder_delay_holds_the_encoder_still_then_runs_its_schedule_shifted():
+    cfg = tiny_joint_config(encoder_steps=10, encoder_delay=3, warmup=2, steps=100, amp=False)
+    undelayed = replace(cfg, encoder_delay=0, encoder_steps=7)
+    assert [slotdiff.lr_scale(s, cfg, "encoder") for s in range(3)] == [0.0, 0.0, 0.0]
+    # after the delay: the same warm-up and cosine, started 3 steps late, still ending at --encoder-steps
+    for step in range(3, 12):
+        assert slotdiff.lr_scale(step, cfg, "encoder") == pytest.approx(slotdiff.lr_scale(step - 3, undelayed,
+                                                                                           "encoder"))
+    assert slotdiff.lr_scale(10, cfg, "encoder") == 0.0
+    assert slotdiff.lr_scale(1, cfg, "unet") == slotdiff.lr_scale(1, undelayed, "unet") > 0   # the UNet is not delayed
+    torch.manual_seed(0)
+    model = SlotDiffusion(cfg)
+    randomise_zero_inits(model.unet)  # otherwise no gradient reaches the encoder
+    opt, scaler = slotdiff.make_optimizer(model, cfg), trainlib.make_grad_scaler(torch.device("cpu"), False)
+    images, latents = torch.rand(4, 3, 16, 16), torch.randn(4, 3, 4, 4)
+    for step, encoder_moves in [(0, False), (2, False), (4, True)]:
+        encoder = [p.detach().clone() for p in model.encoder.parameters()]
+        slotdiff.train_step(model, model, opt, scaler, images, latents, step, cfg, torch.device("cpu"))
+        moved = any(not torch.equal(p, q) for p, q in zip(model.encoder.parameters(), encoder))
+        assert moved == encoder_moves
+
+
 def test_bad_settings_exit_with_one_line_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         slotdiff.main(["--slots", "-1"])
@@ -314,6 +336,9 @@ def test_bad_settings_exit_with_one_line_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         slotdiff.main(["--base-channels", "24", "--head-dim", "32"])
     assert "--head-dim" in str(exit_info.value)
+    with pytest.raises(SystemExit) as exit_info:
+        slotdiff.main(["--encoder-steps", "500", "--encoder-delay", "500"])
+    assert "error: --encoder-delay 500: the encoder must start before its training ends" in str(exit_info.value)
 
 
 @pytest.fixture
@@ -345,7 +370,8 @@ def test_cli_trains_resumes_exactly_and_evaluates(tmp_path, tiny_vae, monkeypatc
     # the encoder's updates end at step 3 (--encoder-steps): a resume must keep that schedule too
     slotdiff.main(TINY_CLI + ["--vae", tiny_vae, "--steps", "4", "--encoder-steps", "3", "--out", str(straight),
                               "--no-eval"])
-    assert "note: --encoder-steps 3 ends the slot encoder's training at step 3" in capsys.readouterr().out
+    note = "note: the slot encoder trains from step 0 (--encoder-delay) to step 3 (--encoder-steps)"
+    assert note in capsys.readouterr().out
     slotdiff.main(TINY_CLI + ["--vae", tiny_vae, "--steps", "2", "--encoder-steps", "3", "--out", str(split),
                               "--no-eval"])
     slotdiff.main(["--resume", str(split / "ckpt.pt"), "--steps", "4"])  # + the final evaluation
