@@ -542,14 +542,13 @@ def lr_scale(step: int, cfg: SDConfig, group: str = "unet", progress: float = 0.
     cannot cut it short): slots bound to objects early are then kept while the UNet learns to draw from them.
     With --encoder-delay the encoder's schedule starts that many steps late (its warm-up included), at 0 until
     then, and still ends at --encoder-steps."""
-    if group == "encoder":
-        if step < cfg.encoder_delay:
-            return 0.0
-        step, end = step - cfg.encoder_delay, (cfg.encoder_steps or cfg.steps) - cfg.encoder_delay
-        if cfg.encoder_steps:
-            return trainlib.lr_warmup_cosine(step, 1.0, cfg.warmup, end, min_ratio=0.0)
-        return trainlib.lr_warmup_cosine(step, 1.0, cfg.warmup, end) * trainlib.cooldown_factor(progress, cfg.cooldown)
-    return trainlib.lr_warmup_cosine(step, 1.0, cfg.warmup, cfg.steps) * trainlib.cooldown_factor(progress, cfg.cooldown)
+    delay = cfg.encoder_delay if group == "encoder" else 0
+    if step < delay:
+        return 0.0
+    if group == "encoder" and cfg.encoder_steps:
+        return trainlib.lr_warmup_cosine(step - delay, 1.0, cfg.warmup, cfg.encoder_steps - delay, min_ratio=0.0)
+    return (trainlib.lr_warmup_cosine(step - delay, 1.0, cfg.warmup, cfg.steps - delay)
+            * trainlib.cooldown_factor(progress, cfg.cooldown))
 
 
 def batch_with_latents(scenes: Scenes, latents: torch.Tensor, step: int, cfg: SDConfig, device: torch.device,
