@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -473,15 +474,32 @@ def _number(stem: str) -> str | None:
     return str(int(digits[-1])) if digits else None
 
 
-def _pair_course(image_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
-    images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    masks = sorted(p for p in mask_dir.iterdir() if p.suffix.lower() == ".png")
+def _files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes)
+
+
+def _pair_by_name(images: list[Path], masks: list[Path]) -> tuple[list[tuple[Path, Path]], Path | None]:
+    """Each image with the mask of the same file name (any extension), else with the one mask whose name has the
+    same number (img_0012.jpg / mask_12.png): the pairs, and the first image left without a mask of its own (None
+    when every image has one)."""
     by_stem = {p.stem: p for p in masks}
-    if all(p.stem in by_stem for p in images):
-        return [(p, by_stem[p.stem]) for p in images]
-    by_number = {_number(p.stem): p for p in masks}
-    if len(by_number) == len(masks) and all(_number(p.stem) in by_number for p in images):
-        return [(p, by_number[_number(p.stem)]) for p in images]
+    numbers = Counter(_number(p.stem) for p in masks)
+    by_number = {n: p for p in masks if (n := _number(p.stem)) is not None and numbers[n] == 1}
+    pairs, used = [], set()
+    for image in images:
+        mask = by_stem.get(image.stem) or by_number.get(_number(image.stem))
+        if mask is None or mask in used:
+            return pairs, image
+        used.add(mask)
+        pairs.append((image, mask))
+    return pairs, None
+
+
+def _pair_course(image_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
+    images, masks = _files(image_dir, IMAGE_SUFFIXES), _files(mask_dir, (".png",))
+    pairs, unmatched = _pair_by_name(images, masks)
+    if unmatched is None:
+        return pairs
     if len(images) != len(masks):
         raise InputError(f"{image_dir} has {len(images)} images but {mask_dir} has {len(masks)} masks and their "
                          f"names do not match; give every image a mask with the same file name")
@@ -508,12 +526,11 @@ def _pairs_generic(split_dir: Path) -> list[tuple[Path, Path]]:
     image_dir, mask_dir = split_dir / "images", split_dir / "masks"
     if not mask_dir.is_dir():
         raise InputError(f"{split_dir} has images/ but no masks/ folder; add {mask_dir} with one mask per image")
-    pairs = []
-    for image in sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        mask = mask_dir / (image.stem + ".png")
-        if not mask.exists():
-            raise InputError(f"image {image} has no mask {mask}; add it (same file name, .png)")
-        pairs.append((image, mask))
+    images, masks = _files(image_dir, IMAGE_SUFFIXES), _files(mask_dir, (".png",))
+    pairs, unmatched = _pair_by_name(images, masks)
+    if unmatched is not None:
+        raise InputError(f"image {unmatched} has no mask {mask_dir / (unmatched.stem + '.png')}; add it (same file "
+                         f"name, .png)")
     return pairs
 
 

@@ -230,6 +230,20 @@ def test_generic_layout_id_and_colour_masks(tmp_path):
     assert np.array_equal(val.masks[0], colour_ids[:, 5:35])
 
 
+def test_generic_masks_paired_by_number_when_names_differ(tmp_path):
+    root = make_generic(tmp_path / "generic")
+    for name, number in (("a", 7), ("b", 12)):   # images img_0007 / img_0012, masks mask_7 / mask_12
+        (root / "train/images" / f"{name}.png").rename(root / "train/images" / f"img_{number:04d}.png")
+    (root / "train/masks/a.png").rename(root / "train/masks/mask_7.png")
+    Image.new("L", (40, 30)).save(root / "train/masks/b.png")   # an empty mask: must be paired with img_0012
+    (root / "train/masks/b.png").rename(root / "train/masks/mask_12.png")
+    train = data.load_split(str(root), "train", 30, cache_dir=str(tmp_path / "cache"))
+    assert train.masks[0].max() == 2 and train.masks[1].max() == 0
+    (root / "train/masks/mask_12.png").unlink()   # img_0012 now has no mask of either name
+    with pytest.raises(InputError, match="img_0012"):
+        data.load_split(str(root), "train", 30, cache_dir=str(tmp_path / "cache2"))
+
+
 def test_real_data_cache_skips_decoding(tmp_path, monkeypatch):
     root = make_generic(tmp_path / "generic")
     first = data.load_split(str(root), "train", 16, cache_dir=str(tmp_path / "cache"))
