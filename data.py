@@ -42,6 +42,11 @@ class Scenes:
     def __len__(self) -> int:
         return len(self.images)
 
+    def content_hash(self) -> str:
+        """A short hash of the pixels: what caches derived from them (a VAE, its latents) are keyed by, so that a
+        dataset folder edited in place never gets a stale one."""
+        return hashlib.sha1(np.ascontiguousarray(self.images).data).hexdigest()[:16]
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Synthetic CLEVR-like scenes: spheres, cubes and cylinders on a floor in front of a wall, in two styles:

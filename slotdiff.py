@@ -482,11 +482,11 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
 
 
-def ensure_vae(cfg: SDConfig, cache_dir: str = ".cache") -> str:
+def ensure_vae(cfg: SDConfig, train_set: Scenes, cache_dir: str = ".cache") -> str:
     """Absolute path of the VQ-VAE checkpoint: --vae, or one trained here with vae.py's preset for the resolution,
-    once per (data, resolution, preset settings): later runs reuse it, a changed preset trains a new one, and an
-    interrupted VAE training resumes (a Ctrl-C during it stops this script too, so SlotDiffusion never trains on
-    an unfinished VAE)."""
+    once per (training images, resolution, preset settings): later runs reuse it, changed images or a changed
+    preset train a new one, and an interrupted VAE training resumes (a Ctrl-C during it stops this script too, so
+    SlotDiffusion never trains on an unfinished VAE)."""
     if cfg.vae:
         return str(Path(cfg.vae).resolve())
     resolution = cfg.encoder.resolution
@@ -494,7 +494,8 @@ def ensure_vae(cfg: SDConfig, cache_dir: str = ".cache") -> str:
     scenes = f"-n{cfg.num_train}" if cfg.num_train else ""
     vae_cfg = trainlib.make_config(vae.TrainConfig, vae.PRESETS[preset], dict(
         data=cfg.data, resolution=resolution, num_train=cfg.num_train, device=cfg.device))
-    settings = hashlib.sha256(repr(replace(vae_cfg, device="", out="")).encode()).hexdigest()[:8]
+    settings = hashlib.sha256((repr(replace(vae_cfg, device="", out="")) + train_set.content_hash()).encode()
+                              ).hexdigest()[:8]
     folder = Path(cache_dir) / "vae" / f"{safe_name(cfg.data)}{scenes}-{resolution}px-{preset}-{settings}"
     vae_cfg = replace(vae_cfg, out=str(folder))
     vae.validate(vae_cfg)
@@ -512,9 +513,9 @@ def ensure_vae(cfg: SDConfig, cache_dir: str = ".cache") -> str:
 
 def cached_latents(vqvae: vae.VQVAE, vae_hash: str, scenes: Scenes, device: torch.device, batch_size: int,
                    cache_dir: str = ".cache") -> torch.Tensor:
-    """VAE latents (N, C, h, w) of a whole split, computed once and kept on disk, keyed by VAE + dataset."""
-    path = (Path(cache_dir) / "latents" /
-            f"{safe_name(scenes.name)}-n{len(scenes)}-{scenes.images.shape[1]}px-vae{vae_hash}.pt")
+    """VAE latents (N, C, h, w) of a whole split, computed once and kept on disk, keyed by VAE + images."""
+    path = (Path(cache_dir) / "latents" / f"{safe_name(scenes.name)}-n{len(scenes)}-{scenes.images.shape[1]}px-"
+                                          f"{scenes.content_hash()}-vae{vae_hash}.pt")
     if path.exists():
         return trainlib.load_checkpoint(path)
     latents = vae.encode_scenes(vqvae, scenes, batch_size, device)
@@ -663,7 +664,7 @@ def train(cfg: SDConfig, resume: str | None = None, overwrite: bool = False) -> 
     cfg = replace(cfg, encoder=with_slots_for(train_set, cfg.encoder))
     warm_start = trained_encoder(cfg.encoder_from, cfg.encoder) if cfg.encoder_from and not resume else None
     with master_first(ddp.world_size, master):
-        cfg = replace(cfg, vae=ensure_vae(cfg))
+        cfg = replace(cfg, vae=ensure_vae(cfg, train_set))
         vqvae, vae_hash = load_frozen_vae(cfg, device)
         train_latents = cached_latents(vqvae, vae_hash, train_set, device, cfg.batch_size).to(device)
         val_latents = cached_latents(vqvae, vae_hash, val_set, device, cfg.batch_size)

@@ -152,7 +152,7 @@ def make_run(name: str, cfg, device: torch.device, splits: dict, latents: dict,
         model = sa.SlotAutoencoder(cfg).to(device)
         opt, run_latents = torch.optim.Adam(model.parameters(), lr=cfg.lr), ()
     else:
-        cfg = replace(cfg, vae=slotdiff.ensure_vae(cfg))   # trained once per dataset (cached), not timed
+        cfg = replace(cfg, vae=slotdiff.ensure_vae(cfg, train_set))   # trained once per dataset (cached), not timed
         if cfg.vae not in latents:
             vqvae, vae_hash = slotdiff.load_frozen_vae(cfg, device)
             latents[cfg.vae] = (slotdiff.cached_latents(vqvae, vae_hash, train_set, device, cfg.batch_size).to(device),

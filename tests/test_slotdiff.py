@@ -427,18 +427,37 @@ def test_without_vae_flag_a_vae_is_trained_once_then_reused(tmp_path, monkeypatc
 
     monkeypatch.setattr(vae, "train", fake_train)
     cfg = trainlib.make_config(SDConfig, dict(resolution=32, num_train=8, device="cpu"))
-    path = slotdiff.ensure_vae(cfg)  # trains, but stops half-way (step 1 of 2)
+    images = data.Scenes(np.zeros((8, 32, 32, 3), np.uint8), np.zeros((8, 32, 32), np.uint8), "folder:train")
+    path = slotdiff.ensure_vae(cfg, images)  # trains, but stops half-way (step 1 of 2)
     first, resume = trainings[0]
     assert first.resolution == 32 and first.model == vae.PRESETS["cpu"]["model"] and resume is None
     assert Path(path).is_absolute()
-    assert slotdiff.ensure_vae(cfg) == path  # unfinished: resumed
+    assert slotdiff.ensure_vae(cfg, images) == path  # unfinished: resumed
     assert len(trainings) == 2 and trainings[1][1] is not None
-    assert slotdiff.ensure_vae(cfg) == path  # finished: reused, no third training
+    assert slotdiff.ensure_vae(cfg, images) == path  # finished: reused, no third training
     assert len(trainings) == 2
     assert vae.load_vae(path).cfg.n_embed == 16
+    edited = data.Scenes(np.ones_like(images.images), images.masks, images.name)   # the folder changed in place
+    assert slotdiff.ensure_vae(cfg, edited) != path and len(trainings) == 3   # a new VAE, not the stale one
     monkeypatch.setitem(vae.PRESETS, "cpu", {**vae.PRESETS["cpu"], "steps": 9})
-    assert slotdiff.ensure_vae(cfg) != path and len(trainings) == 3   # the preset changed: a new VAE, not the old
-    assert slotdiff.ensure_vae(replace(cfg, vae="given.pt")) == str(Path("given.pt").resolve())
+    assert slotdiff.ensure_vae(cfg, images) != path and len(trainings) == 4   # the preset changed: a new VAE too
+    assert slotdiff.ensure_vae(replace(cfg, vae="given.pt"), images) == str(Path("given.pt").resolve())
+
+
+def test_cached_latents_follow_the_pixels_not_the_name(tmp_path):
+    """A dataset folder edited in place keeps its name (and size): its cached latents must be those of the new
+    images, not the old ones."""
+    vqvae = vae.VQVAE(vae.VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, n_embed=16)).eval()
+    rng = np.random.default_rng(0)
+    before = data.Scenes(rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8), np.zeros((3, 16, 16), np.uint8),
+                         "folder:train")
+    after = data.Scenes(255 - before.images, before.masks, before.name)
+    cpu = torch.device("cpu")
+    cached = [slotdiff.cached_latents(vqvae, "vae", scenes, cpu, 2, cache_dir=str(tmp_path))
+              for scenes in (before, after)]
+    torch.testing.assert_close(cached[1], vae.encode_scenes(vqvae, after, 2, cpu))
+    assert not torch.equal(cached[0], cached[1])
+    assert len(list((tmp_path / "latents").iterdir())) == 2
 
 
 def test_a_vae_the_clock_stopped_is_reused_not_trained_again(tmp_path, monkeypatch):
@@ -457,4 +476,5 @@ def test_a_vae_the_clock_stopped_is_reused_not_trained_again(tmp_path, monkeypat
 
     monkeypatch.setattr(vae, "train", fake_train)
     cfg = trainlib.make_config(SDConfig, dict(resolution=32, num_train=8, device="cpu"))
-    assert slotdiff.ensure_vae(cfg) == slotdiff.ensure_vae(cfg) and trainings == [None]
+    images = data.Scenes(np.zeros((8, 32, 32, 3), np.uint8), np.zeros((8, 32, 32), np.uint8), "folder:train")
+    assert slotdiff.ensure_vae(cfg, images) == slotdiff.ensure_vae(cfg, images) and trainings == [None]
