@@ -658,9 +658,15 @@ def load_split(data: str, split: str, resolution: int, limit: int | None = None,
     _check_not_a_misspelt_generator(data)
     root = Path(data)
     if split == "val" and not _has_split_folder(root, "val") and _has_split_folder(root, "test"):
-        print(f"note: {root} has no val split; validating on its test split")   # many datasets ship train/test only
+        _note_once(f"note: {root} has no val split; validating on its test split")   # many ship train/test only
         split = "test"
     return _load_folder(root, split, resolution, limit, cache_dir)
+
+
+@functools.cache
+def _note_once(text: str) -> None:
+    """Print a note the first time only: training, its evaluations and the final evaluation each load the split."""
+    print(text)
 
 
 def _has_split_folder(root: Path, split: str) -> bool:

@@ -300,6 +300,8 @@ def test_a_dataset_without_val_is_validated_on_its_test_split(tmp_path, capsys):
     scenes = data.load_split(str(root), "val", 16, cache_dir=str(tmp_path / "cache"))
     assert len(scenes) == 1 and scenes.name.endswith(":test")
     assert "no val split; validating on its test split" in capsys.readouterr().out
+    data.load_split(str(root), "val", 16, cache_dir=str(tmp_path / "cache"))
+    assert "no val split" not in capsys.readouterr().out   # said once, not at every evaluation
 
 
 def test_too_many_objects_is_an_error(tmp_path):
