@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data
+import metrics
 import sa
 from errors import InputError
 import slotdiff
@@ -410,6 +412,46 @@ def test_cli_trains_resumes_exactly_and_evaluates(tmp_path, tiny_vae, monkeypatc
     slotdiff.main(["--resume", str(split / "ckpt.pt"), "--steps", "5", "--no-eval"])
     assert "kept no weight average: --ema-decay 0.9 starts it from the restored weights" in capsys.readouterr().out
     assert trainlib.load_checkpoint(split / "ckpt.pt")["ema"]["updates"] == 1
+
+
+def write_folder_dataset(root: Path, counts: dict[str, int]) -> None:
+    """A dataset folder as a user might bring one: non-square JPEG images, colour masks named by number
+    (img_0003.jpg / mask_3.png), no val split."""
+    colours = np.array([(0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)], np.uint8)
+    for split, n in counts.items():
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir(parents=True)
+        for i in range(n):
+            image, ids = data.render_scene(1000 * len(split) + i, 32, 2, 4, style="clevr")
+            Image.fromarray(image).resize((40, 30)).save(root / split / "images" / f"img_{i:04d}.jpg")
+            Image.fromarray(colours[ids]).resize((40, 30), Image.NEAREST).save(root / split / "masks" / f"mask_{i}.png")
+
+
+def test_a_dataset_folder_end_to_end_sa_then_slotdiff(tmp_path, tiny_vae, monkeypatch, capsys):
+    """--data PATH through both scripts as a new user runs them: sa.py trains and evaluates, slotdiff.py starts
+    its encoder from that checkpoint, trains and evaluates; --slots 0 reads the slot count from the masks, the
+    missing val split is replaced by test, and every result and picture is written."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(metrics, "fid", lambda real, fake, device=None, batch_size=32: 1.0)   # tested in test_metrics
+    monkeypatch.setattr(metrics, "fid_stats", lambda images, device=None, batch_size=32, name="", cache_dir=None:
+                        np.asarray(images).shape)
+    write_folder_dataset(tmp_path / "mydata", {"train": 12, "test": 6})
+    encoder = ["--data", str(tmp_path / "mydata"), "--resolution", "16", "--slots", "0", "--slot-dim", "16",
+               "--slot-mlp-hidden", "16", "--enc-channels", "8", "--batch-size", "4", "--steps", "2",
+               "--eval-images", "6", "--compile", "0", "--amp", "0", "--device", "cpu"]
+    sa.main(encoder + ["--dec-channels", "8", "--num-gen", "4", "--out", "sa_run"])
+    sd_only = ["--base-channels", "16", "--channel-mult", "1,2", "--num-res-blocks", "1", "--head-dim", "8",
+               "--sample-steps", "5", "--sample-batch", "4", "--num-recon", "2", "--num-gen", "4"]
+    slotdiff.main(encoder + sd_only + ["--vae", tiny_vae, "--encoder-from", "sa_run/ckpt.pt", "--out", "sd_run"])
+    out = capsys.readouterr().out
+    most = int(data.load_split(str(tmp_path / "mydata"), "train", 16).masks.max())   # ids are 0..n per image
+    assert f"--slots 0: {most + 1} slots" in out and out.count("no val split; validating on its test split") == 1
+    for run, pictures in (("sa_run", ("samples.png", "comp_grid.png", "loss_curves.png")),
+                          ("sd_run", ("reconstructions.png", "comp_grid.png", "loss_curves.png"))):
+        result = json.loads((tmp_path / run / "val_metrics.json").read_text())
+        assert result["val_images"] == 6 and result["generated_images"] == 4
+        assert all(np.isfinite(result[key]) for key in ("ari", "fg_ari", "mbo", "fid")), run
+        assert all((tmp_path / run / name).stat().st_size > 0 for name in pictures), run
 
 
 def test_without_vae_flag_a_vae_is_trained_once_then_reused(tmp_path, monkeypatch):
