@@ -464,7 +464,7 @@ LAYOUTS_HELP = """accepted dataset layouts:
   generic folder:           ROOT/{train,val,test}/images/<name>.png|.jpg
                             ROOT/{train,val,test}/masks/<name>.png   (integer ids with 0 = background, or colours)
 or pass --data synthetic-clevr or --data synthetic-clevrtex for the built-in generator"""
-LOADER_VERSION = 1
+LOADER_VERSION = 2  # bump whenever the decoded arrays or the image-mask pairing change
 CLEVRTEX_CROP = 192  # SlotDiffusion's CLEVRTex preprocessing: centre crop 192x192 of the 320x240 render, then resize
 SPLITS = ("train", "val", "test")
 SYNTHETIC_SPLITS = {"train": (0, 5000), "val": (10_000_000, 500), "test": (20_000_000, 500)}  # seed base, default n
