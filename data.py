@@ -42,9 +42,10 @@ class Scenes:
     def __len__(self) -> int:
         return len(self.images)
 
+    @functools.cached_property
     def content_hash(self) -> str:
         """A short hash of the pixels: what caches derived from them (a VAE, its latents) are keyed by, so that a
-        dataset folder edited in place never gets a stale one."""
+        dataset folder edited in place never gets a stale one. Computed once per split (seconds for a few GB)."""
         return hashlib.sha1(np.ascontiguousarray(self.images).data).hexdigest()[:16]
 
 

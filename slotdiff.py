@@ -494,7 +494,7 @@ def ensure_vae(cfg: SDConfig, train_set: Scenes, cache_dir: str = ".cache") -> s
     scenes = f"-n{cfg.num_train}" if cfg.num_train else ""
     vae_cfg = trainlib.make_config(vae.TrainConfig, vae.PRESETS[preset], dict(
         data=cfg.data, resolution=resolution, num_train=cfg.num_train, device=cfg.device))
-    settings = hashlib.sha256((repr(replace(vae_cfg, device="", out="")) + train_set.content_hash()).encode()
+    settings = hashlib.sha256((repr(replace(vae_cfg, device="", out="")) + train_set.content_hash).encode()
                               ).hexdigest()[:8]
     folder = Path(cache_dir) / "vae" / f"{safe_name(cfg.data)}{scenes}-{resolution}px-{preset}-{settings}"
     vae_cfg = replace(vae_cfg, out=str(folder))
@@ -515,7 +515,7 @@ def cached_latents(vqvae: vae.VQVAE, vae_hash: str, scenes: Scenes, device: torc
                    cache_dir: str = ".cache") -> torch.Tensor:
     """VAE latents (N, C, h, w) of a whole split, computed once and kept on disk, keyed by VAE + images."""
     path = (Path(cache_dir) / "latents" / f"{safe_name(scenes.name)}-n{len(scenes)}-{scenes.images.shape[1]}px-"
-                                          f"{scenes.content_hash()}-vae{vae_hash}.pt")
+                                          f"{scenes.content_hash}-vae{vae_hash}.pt")
     if path.exists():
         return trainlib.load_checkpoint(path)
     latents = vae.encode_scenes(vqvae, scenes, batch_size, device)
