@@ -463,7 +463,7 @@ LAYOUTS_HELP = """accepted dataset layouts:
   official CLEVRTex:        ROOT/<k>/CLEVRTEX_<variant>_000123.png  + ROOT/<k>/CLEVRTEX_<variant>_000123_flat.png
                             (split by index: test 0-10%, val 10-20%, train 20-100%)
   generic folder:           ROOT/{train,val,test}/images/<name>.png|.jpg
-                            ROOT/{train,val,test}/masks/<name>.png   (integer ids with 0 = background, or colours)
+                            ROOT/{train,val,test}/masks/<same name or number>.png  (ids, 0 = background; or colours)
 or pass --data synthetic-clevr or --data synthetic-clevrtex for the built-in generator"""
 LOADER_VERSION = 2  # bump whenever the decoded arrays or the image-mask pairing change
 CLEVRTEX_CROP = 192  # SlotDiffusion's CLEVRTex preprocessing: centre crop 192x192 of the 320x240 render, then resize
