@@ -463,7 +463,8 @@ LAYOUTS_HELP = """accepted dataset layouts:
   official CLEVRTex:        ROOT/<k>/CLEVRTEX_<variant>_000123.png  + ROOT/<k>/CLEVRTEX_<variant>_000123_flat.png
                             (split by index: test 0-10%, val 10-20%, train 20-100%)
   generic folder:           ROOT/{train,val,test}/images/<name>.png|.jpg
-                            ROOT/{train,val,test}/masks/<same name or number>.png  (ids, 0 = background; or colours)
+                            ROOT/{train,val,test}/masks/<same name or number>.png  (ids, 0 = background; or colours;
+                                                                                   train may have none: give --slots)
 or pass --data synthetic-clevr or --data synthetic-clevrtex for the built-in generator"""
 LOADER_VERSION = 2  # bump whenever the decoded arrays or the image-mask pairing change
 CLEVRTEX_CROP = 192  # SlotDiffusion's CLEVRTex preprocessing: centre crop 192x192 of the 320x240 render, then resize
@@ -528,11 +529,17 @@ def _pairs_official(root: Path, split: str) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def _pairs_generic(split_dir: Path) -> list[tuple[Path, Path]]:
+def _pairs_generic(split_dir: Path) -> list[tuple[Path, Path | None]]:
     image_dir, mask_dir = split_dir / "images", split_dir / "masks"
+    images = _files(image_dir, IMAGE_SUFFIXES)
     if not mask_dir.is_dir():
-        raise InputError(f"{split_dir} has images/ but no masks/ folder; add {mask_dir} with one mask per image")
-    images, masks = _files(image_dir, IMAGE_SUFFIXES), _files(mask_dir, (".png",))
+        if split_dir.name != "train":
+            raise InputError(f"{split_dir} has images/ but no masks/ folder; the {split_dir.name} split is scored "
+                             f"against masks: add {mask_dir} with one mask per image")
+        # training needs no masks (it is unsupervised): each image gets an empty one
+        _note_once(f"note: {split_dir} has no masks/ folder; training on its images alone")
+        return [(image, None) for image in images]
+    masks = _files(mask_dir, (".png",))
     pairs, unmatched = _pair_by_name(images, masks)
     if unmatched is not None:
         raise InputError(f"image {unmatched} has no mask {mask_dir / (unmatched.stem + '.png')}; add it (same file "
@@ -595,8 +602,10 @@ def _mask_to_ids(mask: Image.Image, path: Path) -> np.ndarray:
     return ids.astype(np.uint8)
 
 
-def _load_pair(image_path: Path, mask_path: Path, resolution: int, crop: int | None) -> tuple[np.ndarray, np.ndarray]:
-    image, mask = _open(image_path), _open(mask_path)
+def _load_pair(image_path: Path, mask_path: Path | None, resolution: int, crop: int | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    image = _open(image_path)
+    mask = Image.new("L", image.size) if mask_path is None else _open(mask_path)   # None: all background
     if image.size != mask.size:
         raise InputError(f"mask {mask_path} is {mask.size[0]}x{mask.size[1]} but image {image_path} is "
                          f"{image.size[0]}x{image.size[1]}; masks must have the size of their image")
@@ -614,7 +623,7 @@ def _load_folder(root: Path, split: str, resolution: int, limit: int | None, cac
         raise InputError(f"split {split!r} of {root} ({layout} layout) contains no images; add images or pick "
                          f"another split")
     pairs = pairs[:limit] if limit else pairs
-    stats = [(p.stat().st_size, p.stat().st_mtime_ns) for pair in pairs for p in pair]
+    stats = [(p.stat().st_size, p.stat().st_mtime_ns) for pair in pairs for p in pair if p is not None]
     key_data = dict(version=LOADER_VERSION, root=str(root.resolve()), split=split, resolution=resolution,
                     limit=limit, files=len(stats), bytes=sum(s for s, _ in stats), mtime=max(m for _, m in stats))
     key = hashlib.sha1(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]

@@ -427,6 +427,9 @@ def with_slots_for(scenes: Scenes, cfg: EncoderConfig) -> EncoderConfig:
     if cfg.slots:
         return cfg
     most = int(np.asarray(scenes.masks).reshape(len(scenes), -1).max(axis=1).max())
+    if most == 0:
+        raise InputError(f"--slots 0 counts the objects in the training masks, but {scenes.name} has none marked "
+                         f"(no masks/ folder?); pass --slots N: the most objects in a scene + 1")
     print(f"--slots 0: {most + 1} slots (the most objects in a scene of {scenes.name} is {most}, + 1 for the background)")
     return replace(cfg, slots=most + 1)
 

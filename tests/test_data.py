@@ -244,6 +244,21 @@ def test_generic_masks_paired_by_number_when_names_differ(tmp_path):
         data.load_split(str(root), "train", 30, cache_dir=str(tmp_path / "cache2"))
 
 
+def test_a_train_split_without_masks_trains_on_images_alone(tmp_path, capsys):
+    root = make_generic(tmp_path / "generic")
+    for mask in (root / "train/masks").iterdir():
+        mask.unlink()
+    (root / "train/masks").rmdir()
+    train = data.load_split(str(root), "train", 30, cache_dir=str(tmp_path / "cache"))
+    assert len(train) == 2 and train.masks.shape == (2, 30, 30) and not train.masks.any()
+    assert np.array_equal(train.images[0][0, :, 0], np.arange(5, 35) * 6)   # the images load as with masks
+    assert "has no masks/ folder; training on its images alone" in capsys.readouterr().out
+    (root / "val/masks/c.png").unlink()
+    (root / "val/masks").rmdir()
+    with pytest.raises(InputError, match="val split is scored against masks"):   # val/test are scored
+        data.load_split(str(root), "val", 30, cache_dir=str(tmp_path / "cache"))
+
+
 def test_real_data_cache_skips_decoding(tmp_path, monkeypatch):
     root = make_generic(tmp_path / "generic")
     first = data.load_split(str(root), "train", 16, cache_dir=str(tmp_path / "cache"))

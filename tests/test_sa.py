@@ -135,6 +135,10 @@ def test_slots_zero_means_most_objects_plus_one(tmp_path, monkeypatch):
     cfg = sa.with_slots_for(scenes, tiny_cfg(slots=0).encoder)
     assert cfg.slots == int(np.asarray(scenes.masks).max()) + 1
     assert sa.with_slots_for(scenes, tiny_cfg(slots=5).encoder).slots == 5
+    unmarked = sa.Scenes(scenes.images, np.zeros_like(scenes.masks), "a train split without masks")
+    with pytest.raises(sa.InputError, match="--slots N"):   # nothing to count: the user must say
+        sa.with_slots_for(unmarked, tiny_cfg(slots=0).encoder)
+    assert sa.with_slots_for(unmarked, tiny_cfg(slots=5).encoder).slots == 5
 
 
 def test_gaussian_init_samples_around_mu():
