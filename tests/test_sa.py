@@ -18,9 +18,11 @@ def tiny_cfg(**kw) -> sa.SAConfig:
     return trainlib.make_config(sa.SAConfig, TINY, kw)
 
 
-def test_shapes_through_every_stage():
-    cfg = tiny_cfg()
+@pytest.mark.parametrize("full_res_kernel", [5, 3])
+def test_shapes_through_every_stage(full_res_kernel):
+    cfg = tiny_cfg(full_res_kernel=full_res_kernel)
     model = sa.SlotAutoencoder(cfg)
+    assert model.decoder.cnn[-3].kernel_size == (full_res_kernel, full_res_kernel)
     images = torch.rand(2, 3, 32, 32)
     slots, attn = model.encoder(images)
     assert slots.shape == (2, 4, 16)
@@ -197,6 +199,7 @@ def test_compositional_generation_shapes(tmp_path, monkeypatch):
     (["--slots", "-1"], "--slots -1"),
     (["--data", "/no/such/dataset"], "/no/such/dataset"),
     (["--resolution", "48"], "--resolution 48"),
+    (["--full-res-kernel", "4"], "--full-res-kernel 4"),
     (["eval"], "--ckpt"),
     (["eval", "--ckpt", "/no/such/ckpt.pt"], "/no/such/ckpt.pt"),
 ])
