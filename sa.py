@@ -56,7 +56,7 @@ class DecoderConfig:
     dec_channels: int = 64
     broadcast_size: int = 8        # the decoder upsamples this grid to the resolution by stride-2 steps
     full_res_kernel: int = 5       # kernel of the stride-1 conv at full resolution (paper: 5); at 5 it is half
-                                   # of the cpu preset's FLOPs a step, 3 makes the step a third cheaper
+                                   # of the cpu preset's FLOPs a step, 3 cuts the step's FLOPs by a third
 
 
 @dataclass
