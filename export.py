@@ -523,7 +523,8 @@ def fid_slotdiff(ckpt: Path, num_gen: int | None, sample_steps: int | None, devi
     sa.check_resolution(val_set, cfg.encoder)
     torch.manual_seed(cfg.seed)
     slots = sa.composed_slots(model.encoder, train_set, num_gen or cfg.num_gen or len(val_set), cfg, device)
-    label, sample, decode = pick_sampler(backend, ckpt, cfg, model, vqvae, device, slots[:cfg.sample_batch])
+    chunk = slots[:slotdiff.sampling_chunk(len(slots), cfg.sample_batch)]   # timed at the shape generate samples
+    label, sample, decode = pick_sampler(backend, ckpt, cfg, model, vqvae, device, chunk)
     images = slotdiff.generate(model, vqvae, slots, cfg, device, sample=sample, decode=decode)
     return report_fid(images, val_set.images, ckpt, device, label)
 

@@ -196,6 +196,25 @@ def test_sampler_with_an_oracle_denoiser_recovers_x0():
     torch.testing.assert_close(out, x0, rtol=1e-3, atol=1e-3)
 
 
+def test_generation_samples_equal_chunks_and_returns_scenes_in_order():
+    """evaluate samples 64 reconstructions + 500 composed scenes at --sample-batch 250: three chunks of 188, where
+    250 + 250 + 64 padded to 250 sampled 186 scenes for nothing. Each scene's image must come from its own slots."""
+    assert [slotdiff.sampling_chunk(n, 250) for n in (564, 500, 64, 251, 1)] == [188, 250, 64, 126, 1]
+    calls = []
+
+    def sample(slots, shape, seed):   # the latent of a scene is its slots' value
+        calls.append((len(slots), seed))
+        return slots[:, :1, :1, None].expand(-1, *shape)
+
+    cfg = SDConfig(encoder=replace(SDConfig().encoder, resolution=16), sample_batch=5, seed=5)
+    vqvae = type("FakeVAE", (), dict(cfg=vae.VAEConfig()))()
+    ids = torch.arange(7, dtype=torch.float32) / 10          # 7 scenes, distinct grey levels after to_uint8
+    images = slotdiff.generate(torch.nn.Identity(), vqvae, ids.view(7, 1, 1).expand(7, 2, SLOT_DIM), cfg, "cpu",
+                               sample=sample, decode=lambda z: z)
+    assert calls == [(4, 5), (4, 6)]          # 4 + 3 padded to 4 (5 + 2 padded to 5 before): one shape to compile
+    np.testing.assert_array_equal(images[:, 0, 0, 0], data.to_uint8(ids.view(7, 1, 1, 1))[:, 0, 0, 0])
+
+
 def test_respaced_chain_is_strided_and_ends_at_the_last_timestep():
     diffusion = Diffusion(DiffusionConfig())
     ts, a_bar, a_bar_prev = diffusion.chain(10)
