@@ -728,16 +728,19 @@ def restore(state: dict, path: str | Path, master: bool = True, **parts) -> int:
 
 
 COMPILE_CACHE = Path(".cache") / "inductor"
+# read at import, not in compile_model: building an optimiser imports torch._dynamo, which sets the variable to torch's
+# default (/tmp/torchinductor_<user>) before any model is compiled; None unless the user chose a folder
+CHOSEN_COMPILE_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 
 
 def compile_model(model: torch.nn.Module, enabled: bool = True) -> torch.nn.Module:
-    """torch.compile, with the inductor's caches in the project's .cache/inductor instead of /tmp (which machines
-    clear), so only the first run on a machine pays the whole compilation; the compiled view shares the
-    parameters."""
+    """torch.compile, with the inductor's caches in the project's .cache/inductor (or the TORCHINDUCTOR_CACHE_DIR
+    the user set) instead of /tmp (which machines clear), so only the first run on a machine pays the whole
+    compilation; the compiled view shares the parameters."""
     if not enabled:
         return model
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE.resolve()))
-    return torch.compile(model)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = CHOSEN_COMPILE_CACHE or str(COMPILE_CACHE.resolve())   # inductor reads
+    return torch.compile(model)                                                                     # it per lookup
 
 
 def compile_times() -> dict[str, float]:

@@ -168,6 +168,22 @@ def test_compile_notice_reports_the_last_first_step_time(tmp_path, monkeypatch):
     assert trainlib.compile_model(torch.nn.Linear(2, 2), enabled=False).__class__ is torch.nn.Linear
 
 
+def test_compiled_code_is_cached_in_the_project_not_in_tmp(tmp_path, monkeypatch):
+    """Building an optimiser imports torch._dynamo, which points TORCHINDUCTOR_CACHE_DIR at /tmp/torchinductor_<user>;
+    the compiled kernels must still land in .cache/inductor (or a folder the user chose) and be reused."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    model = torch.nn.Linear(3, 2)
+    torch.optim.Adam(model.parameters())
+    compiled = trainlib.compile_model(model)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / ".cache" / "inductor")
+    torch.testing.assert_close(compiled(torch.ones(1, 3)), model(torch.ones(1, 3)))
+    assert any(p.is_file() for p in (tmp_path / ".cache" / "inductor").rglob("*") if p.suffix != ".json")
+    monkeypatch.setattr(trainlib, "CHOSEN_COMPILE_CACHE", str(tmp_path / "mine"))
+    trainlib.compile_model(model)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
 def test_ema_is_the_ramped_exponential_average_and_round_trips():
     model = torch.nn.Linear(2, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
