@@ -739,8 +739,9 @@ def compile_model(model: torch.nn.Module, enabled: bool = True) -> torch.nn.Modu
     compilation; the compiled view shares the parameters."""
     if not enabled:
         return model
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = CHOSEN_COMPILE_CACHE or str(COMPILE_CACHE.resolve())   # inductor reads
-    return torch.compile(model)                                                                     # it per lookup
+    # set, not setdefault (see CHOSEN_COMPILE_CACHE); inductor reads the variable at every cache lookup
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = CHOSEN_COMPILE_CACHE or str(COMPILE_CACHE.resolve())
+    return torch.compile(model)
 
 
 def compile_times() -> dict[str, float]:

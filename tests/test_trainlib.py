@@ -170,7 +170,7 @@ def test_compile_notice_reports_the_last_first_step_time(tmp_path, monkeypatch):
 
 def test_compiled_code_is_cached_in_the_project_not_in_tmp(tmp_path, monkeypatch):
     """Building an optimiser imports torch._dynamo, which points TORCHINDUCTOR_CACHE_DIR at /tmp/torchinductor_<user>;
-    the compiled kernels must still land in .cache/inductor (or a folder the user chose) and be reused."""
+    the compiled kernels must still land in .cache/inductor, or in a folder the user chose."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     model = torch.nn.Linear(3, 2)
