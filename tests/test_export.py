@@ -283,7 +283,7 @@ def test_pytorch_sampler_announces_and_times_its_compilation_once(ckpts, tmp_pat
     sample = slotdiff.pytorch_sampler(model, cfg, torch.device("cpu"))
     slots = torch.randn(2, 3, 8)
     first = sample(slots, (3, 8, 8), 4, progress=False)
-    assert "compiling the sampling UNet (first run on this machine only" in capsys.readouterr().out
+    assert "compiling the sampling UNet (first run in this folder only" in capsys.readouterr().out
     assert slotdiff.SAMPLER_TITLE in trainlib.compile_times()
     torch.testing.assert_close(first, model.diffusion.sample(model.unet, slots, (3, 8, 8), seed=4, steps=5,
                                                              progress=False))   # the warm-up call changes nothing

@@ -159,12 +159,12 @@ def test_every_script_refuses_a_code_carrying_checkpoint(argv, tmp_path):
 
 def test_compile_notice_reports_the_last_first_step_time(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)   # the cache folder is relative to the working directory, as the data cache
-    assert "first run on this machine" in trainlib.compile_notice("SlotDiffusion")
+    assert "first run in this folder" in trainlib.compile_notice("SlotDiffusion")
     trainlib.record_compile_time("SlotDiffusion", 61.24)
     trainlib.record_compile_time("Slot Attention + SBD", 19.1)
     assert "~61 s last time" in trainlib.compile_notice("SlotDiffusion")
     (tmp_path / ".cache" / "inductor" / "first_step_seconds.json").write_text("{not json")
-    assert "first run on this machine" in trainlib.compile_notice("SlotDiffusion")   # a broken file is no error
+    assert "first run in this folder" in trainlib.compile_notice("SlotDiffusion")   # a broken file is no error
     assert trainlib.compile_model(torch.nn.Linear(2, 2), enabled=False).__class__ is torch.nn.Linear
 
 
