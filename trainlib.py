@@ -735,7 +735,7 @@ CHOSEN_COMPILE_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 
 def compile_model(model: torch.nn.Module, enabled: bool = True) -> torch.nn.Module:
     """torch.compile, with the inductor's caches in the project's .cache/inductor (or the TORCHINDUCTOR_CACHE_DIR
-    the user set) instead of /tmp (which machines clear), so only the first run on a machine pays the whole
+    the user set) instead of /tmp (which machines clear), so only the first run in a folder pays the whole
     compilation; the compiled view shares the parameters."""
     if not enabled:
         return model
