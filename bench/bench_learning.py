@@ -153,11 +153,13 @@ def make_run(name: str, cfg, device: torch.device, splits: dict, latents: dict,
         opt, run_latents = torch.optim.Adam(model.parameters(), lr=cfg.lr), ()
     else:
         cfg = replace(cfg, vae=slotdiff.ensure_vae(cfg, train_set))   # trained once per dataset (cached), not timed
-        if cfg.vae not in latents:
+        key = cfg.vae, cfg.diffusion.latent_scale
+        if key not in latents:   # (scaled train latents, scaled val latents, VAE hash, the resolved scale)
             vqvae, vae_hash = slotdiff.load_frozen_vae(cfg, device)
-            latents[cfg.vae] = (slotdiff.cached_latents(vqvae, vae_hash, train_set, device, cfg.batch_size).to(device),
-                                slotdiff.cached_latents(vqvae, vae_hash, val_set, device, cfg.batch_size), vae_hash)
-        run_latents = latents[cfg.vae]
+            resolved, train, val = slotdiff.diffusion_latents(cfg, vqvae, vae_hash, train_set, val_set, device)
+            latents[key] = train, val, vae_hash, resolved.diffusion.latent_scale
+        *run_latents, scale = latents[key]
+        cfg = replace(cfg, diffusion=replace(cfg.diffusion, latent_scale=scale))
         model = slotdiff.SlotDiffusion(cfg, run_latents[0].shape[1]).to(device)
         if cfg.encoder_from and encoder_weights is None:   # a trained sa.py checkpoint, as slotdiff.py does
             encoder_weights = slotdiff.trained_encoder(cfg.encoder_from, cfg.encoder)

@@ -389,17 +389,19 @@ def test_cli_trains_resumes_exactly_and_evaluates(tmp_path, tiny_vae, monkeypatc
     monkeypatch.setattr(slotdiff.metrics, "fid", lambda real, fake, device=None, batch_size=32: 1.0)
     straight, split = tmp_path / "straight", tmp_path / "split"
     # the encoder's updates end at step 3 (--encoder-steps): a resume must keep that schedule too
-    slotdiff.main(TINY_CLI + ["--vae", tiny_vae, "--steps", "4", "--encoder-steps", "3", "--out", str(straight),
-                              "--no-eval"])
+    # --latent-scale 0: the scale measured on the training latents must be the same number when resuming
+    slotdiff.main(TINY_CLI + ["--vae", tiny_vae, "--steps", "4", "--encoder-steps", "3", "--latent-scale", "0",
+                              "--out", str(straight), "--no-eval"])
     note = "note: the slot encoder trains from step 0 (--encoder-delay) to step 3 (--encoder-steps)"
     assert note in capsys.readouterr().out
-    slotdiff.main(TINY_CLI + ["--vae", tiny_vae, "--steps", "2", "--encoder-steps", "3", "--out", str(split),
-                              "--no-eval"])
+    slotdiff.main(TINY_CLI + ["--vae", tiny_vae, "--steps", "2", "--encoder-steps", "3", "--latent-scale", "0",
+                              "--out", str(split), "--no-eval"])
     slotdiff.main(["--resume", str(split / "ckpt.pt"), "--steps", "4"])  # + the final evaluation
 
     a = trainlib.load_checkpoint(straight / "ckpt.pt")
     b = trainlib.load_checkpoint(split / "ckpt.pt")
     assert a["step"] == b["step"] == 4
+    assert a["config"]["diffusion"]["latent_scale"] == b["config"]["diffusion"]["latent_scale"] > 0
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)
         torch.testing.assert_close(a["ema"]["model"][key], b["ema"]["model"][key], rtol=0, atol=0, msg=key)
@@ -519,6 +521,35 @@ def test_cached_latents_follow_the_pixels_not_the_name(tmp_path):
     torch.testing.assert_close(cached[1], vae.encode_scenes(vqvae, after, 2, cpu))
     assert not torch.equal(cached[0], cached[1])
     assert len(list((tmp_path / "latents").iterdir())) == 2
+
+
+def test_latent_scale_zero_gives_unit_variance_latents_and_generation_divides_it_out(tmp_path, monkeypatch):
+    """--latent-scale 0 (LDM's rescaling): the diffusion sees the training latents at unit std, the resolved
+    number goes into the config (and so the checkpoint), and generation hands the VAE decoder latents divided by
+    it again; a given scale is used as it is."""
+    monkeypatch.chdir(tmp_path)
+    vqvae = vae.VQVAE(vae.VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, n_embed=16)).eval()
+    rng = np.random.default_rng(0)
+    train_set, val_set = (data.Scenes(rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8),
+                                      np.zeros((n, 16, 16), np.uint8), name) for n, name in ((6, "x:train"), (3, "x:val")))
+    cpu = torch.device("cpu")
+    raw = vae.encode_scenes(vqvae, train_set, 2, cpu)
+    cfg, train, val = slotdiff.diffusion_latents(tiny_joint_config(latent_scale=0), vqvae, "vae", train_set,
+                                                 val_set, cpu)
+    scale = cfg.diffusion.latent_scale
+    assert scale == pytest.approx(1 / raw.std().item()) and scale != 1
+    assert train.std().item() == pytest.approx(1.0, rel=1e-5)
+    torch.testing.assert_close(val, vae.encode_scenes(vqvae, val_set, 2, cpu) * scale)
+    given, train2, _ = slotdiff.diffusion_latents(tiny_joint_config(latent_scale=2.0), vqvae, "vae", train_set,
+                                                  val_set, cpu)
+    assert given.diffusion.latent_scale == 2.0 and torch.equal(train2, raw * 2)
+
+    decoded = []
+    slots = torch.rand(2, 3, SLOT_DIM)
+    slotdiff.generate(torch.nn.Identity(), vqvae, slots, cfg, cpu,
+                      sample=lambda s, shape, seed: torch.full((len(s), *shape), 3.0),
+                      decode=lambda z: decoded.append(z) or torch.zeros(len(z), 3, 16, 16))
+    torch.testing.assert_close(decoded[0], torch.full_like(decoded[0], 3.0 / scale))
 
 
 def test_a_vae_the_clock_stopped_is_reused_not_trained_again(tmp_path, monkeypatch):
