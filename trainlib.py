@@ -756,10 +756,11 @@ def compile_times() -> dict[str, float]:
 def compile_notice(title: str, what: str = "the training step") -> str:
     """What to expect while `what` compiles: the time it took last time here, or the first-run cost."""
     last = compile_times().get(title)
+    kernels = CHOSEN_COMPILE_CACHE or COMPILE_CACHE   # where compile_model puts them
     if last is None:
         return (f"compiling {what} (first run in this folder only: 0.5 to 5 minutes, measured on 2-core CPUs and "
-                f"for paper-size models on an H200; later runs reuse .cache/inductor)")
-    return f"compiling {what} (cached in .cache/inductor: ~{last:.0f} s last time)"
+                f"for paper-size models on an H200; later runs reuse {kernels})")
+    return f"compiling {what} (cached in {kernels}: ~{last:.0f} s last time)"
 
 
 def record_compile_time(title: str, seconds: float) -> None:

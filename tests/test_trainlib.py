@@ -162,7 +162,9 @@ def test_compile_notice_reports_the_last_first_step_time(tmp_path, monkeypatch):
     assert "first run in this folder" in trainlib.compile_notice("SlotDiffusion")
     trainlib.record_compile_time("SlotDiffusion", 61.24)
     trainlib.record_compile_time("Slot Attention + SBD", 19.1)
-    assert "~61 s last time" in trainlib.compile_notice("SlotDiffusion")
+    assert "(cached in .cache/inductor: ~61 s last time)" in trainlib.compile_notice("SlotDiffusion")
+    monkeypatch.setattr(trainlib, "CHOSEN_COMPILE_CACHE", "/data/kernels")   # the user's TORCHINDUCTOR_CACHE_DIR
+    assert "(cached in /data/kernels: ~61 s last time)" in trainlib.compile_notice("SlotDiffusion")
     (tmp_path / ".cache" / "inductor" / "first_step_seconds.json").write_text("{not json")
     assert "first run in this folder" in trainlib.compile_notice("SlotDiffusion")   # a broken file is no error
     assert trainlib.compile_model(torch.nn.Linear(2, 2), enabled=False).__class__ is torch.nn.Linear
