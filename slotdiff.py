@@ -66,9 +66,9 @@ class DiffusionConfig:
     beta_start: float = 0.0015
     beta_end: float = 0.0195
     beta_schedule: str = "linear"  # "linear" (as the assignment states) or "scaled_linear" (what LDM calls linear)
-    latent_scale: float = 1.0      # the schedule noises latent_scale * z (LDM's z_scale_factor, Rombach et al. 2022):
-                                   # SlotDiffusion keeps 1.0, its VQ-VAE's latents being near unit variance; 0 = one
-                                   # over the std of the training latents, measured once and kept in the checkpoint
+    latent_scale: float = 1.0      # the schedule noises latent_scale * z (LDM's z_scale_factor, Rombach et al. 2022;
+                                   # SlotDiffusion's configs: 1.0); 0 = one over the std of the training latents,
+                                   # measured once and kept in the checkpoint
 
 
 @dataclass
@@ -133,8 +133,8 @@ PRESETS = {
     # horizon): -6 to -18% denoising loss and reconstruction MSE at 10 minutes (runs 18 and 19). The encoder waits
     # 1000 steps (--encoder-delay) while the fresh UNet learns to read its slots: trained from the start, it lost a
     # quarter of its attention maps' FG-ARI in those steps (0.82 -> 0.61) and had not won it back 1500 later (run 24).
-    # The small VAE's latents have a std of ~0.36, not the ~1 SlotDiffusion's VQ-VAE gives: --latent-scale 0 brings
-    # them to unit std (LDM's rescaling), -16% reconstruction MSE at 10 minutes (run 29).
+    # The small VAE's latents have a std of ~0.36, a third of the scale the schedule is made for: --latent-scale 0
+    # brings them to unit std (LDM's rescaling), -16% reconstruction MSE at 10 minutes (run 29).
     "cpu": dict(encoder=sa.PRESETS["cpu"]["encoder"], num_train=5_000, num_val=500, latent_scale=0.0,
                 unet=UNetConfig(base_channels=32, channel_mult=(1, 2, 3), num_res_blocks=1, head_dim=32, dropout=0.0),
                 batch_size=16, lr=1e-4, unet_lr=4e-4, warmup=500, encoder_steps=6_000, encoder_delay=1_000,
