@@ -401,7 +401,7 @@ def train(cfg: SAConfig, resume: str | None = None, overwrite: bool = False) -> 
     check_memory(cfg, device)
 
     model = SlotAutoencoder(cfg).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = trainlib.adam(model.parameters(), lr=cfg.lr)
     scaler = trainlib.make_grad_scaler(device, cfg.amp)
     start = 0
     if resume:

@@ -578,7 +578,7 @@ def batch_with_latents(scenes: Scenes, latents: torch.Tensor, step: int, cfg: SD
 
 def make_optimizer(model: SlotDiffusion, cfg: SDConfig) -> torch.optim.Adam:
     """Adam with the encoder's and the UNet's own base learning rates (train_step scales both by lr_scale)."""
-    return torch.optim.Adam([dict(params=model.encoder.parameters(), base_lr=cfg.lr),
+    return trainlib.adam([dict(params=model.encoder.parameters(), base_lr=cfg.lr),
                              dict(params=model.unet.parameters(), base_lr=cfg.unet_lr)])
 
 

@@ -454,7 +454,7 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) 
     val_scenes = data.load_split(cfg.data, "val", cfg.resolution, limit=cfg.num_val)
 
     model = VQVAE(cfg.model).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+    optimizer = trainlib.adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
     scaler = trainlib.make_grad_scaler(device, cfg.amp)
     code_counts = torch.zeros(cfg.model.n_embed, device=device)  # code picks since the last restart
     start = 0

@@ -150,7 +150,7 @@ def make_run(name: str, cfg, device: torch.device, splits: dict, latents: dict,
     cfg = replace(cfg, encoder=sa.with_slots_for(train_set, cfg.encoder))
     if isinstance(cfg, sa.SAConfig):
         model = sa.SlotAutoencoder(cfg).to(device)
-        opt, run_latents = torch.optim.Adam(model.parameters(), lr=cfg.lr), ()
+        opt, run_latents = trainlib.adam(model.parameters(), lr=cfg.lr), ()
     else:
         cfg = replace(cfg, vae=slotdiff.ensure_vae(cfg, train_set))   # trained once per dataset (cached), not timed
         key = cfg.vae, cfg.diffusion.latent_scale

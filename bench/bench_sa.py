@@ -76,7 +76,7 @@ def main():
                                  ("compiled + AMP bf16", True, True)]:
         model = sa.SlotAutoencoder(cfg).to(device)
         model.load_state_dict(base.state_dict())
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        opt = trainlib.adam(model.parameters(), lr=1e-4)
         run = torch.compile(model) if compiled else model
         step = make_step(run, opt, images, device, amp)
         peak_rss_reset()

@@ -1,4 +1,5 @@
 """trainlib.py: schedules, atomic checkpoints, RNG capture, metrics log truncation on resume, Ctrl-C handling."""
+import copy
 import os
 import pickle
 import signal
@@ -215,3 +216,28 @@ def test_amp_on_a_cpu_autocasts_to_bf16_only_where_the_hardware_has_it(monkeypat
     assert trainlib.amp_dtype(cpu) == (torch.bfloat16 if native_bf16 else None)
     with trainlib.autocast(cpu, enabled=False):
         assert (torch.ones(4, 4) @ torch.ones(4, 4)).dtype == torch.float32
+
+
+def test_fused_adam_takes_the_steps_of_torchs_reference_adam_and_resumes_from_its_state():
+    """trainlib.adam (fused) against torch's per-tensor loop, over param groups with their own learning rates and
+    clipped gradients; then a state the loop wrote (checkpoints from before the fused optimiser) continues in it."""
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    groups = lambda net: [dict(params=net[0].parameters(), lr=3e-2), dict(params=net[2].parameters(), lr=1e-2)]
+    fused = trainlib.adam(groups(nets[0]), betas=(0.9, 0.99))
+    reference = torch.optim.Adam(groups(nets[1]), betas=(0.9, 0.99), foreach=False)
+    scaler = trainlib.make_grad_scaler(torch.device("cpu"), False)
+    x, y = torch.randn(32, 5), torch.randn(32, 2)
+    for _ in range(20):
+        for net, opt in zip(nets, (fused, reference)):
+            trainlib.optimizer_step(((net(x) - y) ** 2).mean(), opt, scaler, net.parameters(), grad_clip=0.5)
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    resumed = trainlib.adam(groups(nets[0]), betas=(0.9, 0.99))
+    resumed.load_state_dict(copy.deepcopy(reference.state_dict()))   # as torch.load gives it: no shared moments
+    nets[1].load_state_dict(nets[0].state_dict())     # both nets continue from the same weights and moments
+    for net, opt in zip(nets, (resumed, reference)):
+        trainlib.optimizer_step(((net(x) - y) ** 2).mean(), opt, scaler, net.parameters(), grad_clip=0.5)
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
