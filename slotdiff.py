@@ -579,7 +579,7 @@ def batch_with_latents(scenes: Scenes, latents: torch.Tensor, step: int, cfg: SD
 def make_optimizer(model: SlotDiffusion, cfg: SDConfig) -> torch.optim.Adam:
     """Adam with the encoder's and the UNet's own base learning rates (train_step scales both by lr_scale)."""
     return trainlib.adam([dict(params=model.encoder.parameters(), base_lr=cfg.lr),
-                             dict(params=model.unet.parameters(), base_lr=cfg.unet_lr)])
+                         dict(params=model.unet.parameters(), base_lr=cfg.unet_lr)])
 
 
 def train_step(step_model: nn.Module, model: SlotDiffusion, opt: torch.optim.Optimizer, scaler, images: torch.Tensor,
