@@ -81,6 +81,24 @@ def test_slot_attention_matches_reference(init):
     torch.testing.assert_close(attn, ref_attn, rtol=1e-9, atol=1e-9)
 
 
+def test_slot_attention_iterates_in_fp32_under_bf16_autocast():
+    """The encoder around it may run in bf16; the iterations (logits, softmax, weighted means, GRU) do not."""
+    torch.manual_seed(0)
+    m = sa.SlotAttention(num_slots=5, dim=16, input_dim=12, iters=3, mlp_hidden=24, init="learned")
+    inputs = torch.randn(3, 40, 12)
+    with torch.no_grad():
+        fp32_slots, fp32_attn = m(inputs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            slots, attn = m(inputs.bfloat16())     # what a bf16 CNN hands over
+            assert torch.is_autocast_enabled("cpu")   # and autocast is back on for what follows
+    assert slots.dtype == attn.dtype == torch.float32
+    # the only difference left is the inputs' rounding to bf16
+    rounded_slots, rounded_attn = m(inputs.bfloat16().float())
+    torch.testing.assert_close(slots, rounded_slots, rtol=0, atol=0)
+    torch.testing.assert_close(attn, rounded_attn, rtol=0, atol=0)
+    assert not torch.equal(attn, fp32_attn)
+
+
 def test_gradient_modes_change_gradients_not_values():
     """full / implicit / bo-qsa compute the same slots; they differ only in where gradients flow."""
     torch.manual_seed(0)
