@@ -134,8 +134,12 @@ PRESETS = {
     # 1000 steps (--encoder-delay) while the fresh UNet learns to read its slots: trained from the start, it lost a
     # quarter of its attention maps' FG-ARI in those steps (0.82 -> 0.61) and had not won it back 1500 later (run 24).
     # The small VAE's latents have a std of ~0.36, a third of the scale the schedule is made for: --latent-scale 0
-    # brings them to unit std (LDM's rescaling), -16% reconstruction MSE at 10 minutes (run 29).
-    "cpu": dict(encoder=sa.PRESETS["cpu"]["encoder"], num_train=5_000, num_val=500, latent_scale=0.0,
+    # brings them to unit std (LDM's rescaling), -16% reconstruction MSE at 10 minutes (run 29). Not compiled
+    # (--compile 0): the first compilation in a folder (1.7-4.8 min on 2 cores) costs more steps than the compiled
+    # step wins back in the preset's minutes: eager trained 31% more steps in 17 minutes on an AVX2-only CPU
+    # (compiled 5-7% faster there) and twice as many in 5 on an AVX-512 BF16 one (1.2x faster, 2.9 min to compile;
+    # run 31).
+    "cpu": dict(encoder=sa.PRESETS["cpu"]["encoder"], num_train=5_000, num_val=500, latent_scale=0.0, compile=False,
                 unet=UNetConfig(base_channels=32, channel_mult=(1, 2, 3), num_res_blocks=1, head_dim=32, dropout=0.0),
                 batch_size=16, lr=1e-4, unet_lr=4e-4, warmup=500, encoder_steps=6_000, encoder_delay=1_000,
                 cooldown=0.3, steps=100_000,
