@@ -30,8 +30,9 @@ Choices, and why:
     It is meant for GPUs; ORT's CPU provider runs fp16 graphs by casting most ops back to fp32, so the CPU
     check only shows the graph is sound and its fp16 weights are close, not how fp16 arithmetic behaves.
   * `fid` samples on ONNX Runtime's CUDA provider on a GPU. On a CPU it times 5 DDPM steps of ONNX Runtime fp32
-    and of compiled PyTorch (bf16 where the CPU has it) and uses the faster: with bf16 instructions that is
-    PyTorch (1.4x on the 2-core test machine, docs/results.md), and no ORT session setting closed the gap there
+    and of PyTorch (compiled unless the checkpoint was trained with --compile 0, as the `cpu` preset is; bf16
+    where the CPU has it) and uses the faster: with bf16 instructions compiled PyTorch is faster (1.4x on the
+    2-core test machine, docs/results.md), and no ORT session setting closed the gap there
     (graph optimisation level: ALL with its NCHWc layouts is 2x BASIC/EXTENDED; thread spinning on: 1.1x off).
 """
 from __future__ import annotations
