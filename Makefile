@@ -39,7 +39,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_export.py
 
 # Compositional generation, clean-fid FID against val: fid-sa through the exported SBD on ONNX Runtime; fid samples
-# on ONNX Runtime's CUDA provider on a GPU, and on a CPU on whichever of ONNX Runtime / compiled PyTorch it
+# on ONNX Runtime's CUDA provider on a GPU, and on a CPU on whichever of ONNX Runtime / PyTorch it
 # measures faster there.
 fid: $(STAMP)
 	$(PY) export.py fid --ckpt $(OUT)/slotdiff/ckpt.pt

@@ -137,8 +137,8 @@ PRESETS = {
     # brings them to unit std (LDM's rescaling), -16% reconstruction MSE at 10 minutes (run 29). Not compiled
     # (--compile 0): the first compilation in a folder (1.7-4.8 min on 2 cores) costs more steps than the compiled
     # step wins back in the preset's minutes: eager trained 31% more steps in 17 minutes on an AVX2-only CPU
-    # (compiled 5-7% faster there) and twice as many in 5 on an AVX-512 BF16 one (1.2x faster, 2.9 min to compile;
-    # run 31).
+    # (compiled 5-7% faster there); on an AVX-512 BF16 one twice as many in 5 minutes (run 31: 1.2x faster once
+    # compiled, after 2.9 minutes) and as many in 17 (7527 against 7450, docs/results.md's ninth and tenth clones).
     "cpu": dict(encoder=sa.PRESETS["cpu"]["encoder"], num_train=5_000, num_val=500, latent_scale=0.0, compile=False,
                 unet=UNetConfig(base_channels=32, channel_mult=(1, 2, 3), num_res_blocks=1, head_dim=32, dropout=0.0),
                 batch_size=16, lr=1e-4, unet_lr=4e-4, warmup=500, encoder_steps=6_000, encoder_delay=1_000,
