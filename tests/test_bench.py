@@ -1,4 +1,5 @@
-"""bench/bench_learning.py: a few seconds of two variants write curves, a picture and loadable checkpoints;
+"""bench/bench_learning.py: a few seconds of two variants write curves, a picture and loadable checkpoints, which
+bench_boundary.py and bench_recon_spread.py read;
 Ctrl-C keeps what was measured; bad variants are one clear line."""
 import json
 import signal
@@ -69,6 +70,14 @@ def test_slotdiff_from_scratch_and_warm_started_from_slot_attention(tmp_path):
                            timeout=300)
     assert edges.returncode == 0, edges.stderr
     assert "attention masks:" in edges.stdout and "decoder" not in edges.stdout   # SlotDiffusion has no decoder masks
+    spread = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_recon_spread.py"), "--ckpt",
+                             str(tmp_path / "curves-sd" / "ckpt.pt"), "--scenes", "4", "--seeds", "3",
+                             "--sample-steps", "10"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert spread.returncode == 0, spread.stderr
+    parts = json.loads(spread.stdout)
+    assert parts["scenes"] == 4 and parts["sample_steps"] == 10 and parts["spread"] > 0
+    # the decomposition of the mean per-sample error is exact for n samples: mean + (n - 1) / n * spread
+    assert abs(parts["per_sample"] - parts["mean_vs_input"] - 2 / 3 * parts["spread"]) < 1e-5
 
 
 def test_interior_pixels_exclude_every_pixel_touching_another_object():
@@ -81,6 +90,17 @@ def test_interior_pixels_exclude_every_pixel_touching_another_object():
     expected = torch.zeros_like(masks)
     expected[0, 2:5, 2:4] = 1       # object 1 loses its outer ring and the column next to object 2
     assert torch.equal(inner, expected)
+
+
+def test_reconstruction_error_decomposition_on_known_offsets():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_recon_spread import decompose
+    inputs = torch.zeros(2, 4, 4, 3)
+    samples = [inputs + offset for offset in (0.0, 0.2, 0.4)]   # three samples, each a constant off the input
+    parts = decompose(samples, inputs)
+    assert abs(parts["per_sample"] - (0.0 + 0.04 + 0.16) / 3) < 1e-6           # mean of the squared offsets
+    assert abs(parts["spread"] - (0.04 + 0.16 + 0.04) / 3 / 2) < 1e-6          # half the mean pairwise square
+    assert abs(parts["mean_vs_input"] - 0.2 ** 2) < 1e-6                      # the mean sample is 0.2 off
 
 
 def test_table_cell_names_the_minute_when_the_evaluation_is_later_than_the_mark():
