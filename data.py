@@ -742,6 +742,12 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
+def from_uint8(pictures: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 pictures -> float tensor in [-1, 1], channels last: to_uint8's pictures compared in the
+    model's range (reconstruction MSE)."""
+    return torch.from_numpy(pictures).float() / 127.5 - 1
+
+
 def colorize_masks(masks: np.ndarray | torch.Tensor) -> np.ndarray:
     """(..., H, W) integer ids -> (..., H, W, 3) uint8 colours from a fixed palette."""
     if isinstance(masks, torch.Tensor):

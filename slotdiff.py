@@ -37,8 +37,8 @@ import metrics
 import sa
 import trainlib
 import vae
-from data import (Scenes, batch_indices, check_source, colorize_masks, get_batch, iterate_batches, load_split,
-                  save_grid, to_uint8)
+from data import (Scenes, batch_indices, check_source, colorize_masks, from_uint8, get_batch, iterate_batches,
+                  load_split, save_grid, to_uint8)
 from errors import InputError
 from sa import (EncoderConfig, SlotEncoder, attention_masks, check_resolution, composed_slots, save_and_score_composed,
                 validate_encoder, with_slots_for)
@@ -863,9 +863,9 @@ def evaluate(ckpt: str | Path, cfg: SDConfig | None = None, out: str | Path | No
 
     vae_recon = to_uint8(vqvae.decode(val_latents[:len(images)].to(device)))
     save_reconstructions(images, true_masks, attn, vae_recon, recon, out / "reconstructions.png")
-    inputs = torch.from_numpy(to_uint8(images * 2 - 1)).float() / 127.5 - 1
-    result["recon_mse"] = F.mse_loss(torch.from_numpy(recon).float() / 127.5 - 1, inputs).item()
-    result["vae_recon_mse"] = F.mse_loss(torch.from_numpy(vae_recon).float() / 127.5 - 1, inputs).item()
+    inputs = from_uint8(to_uint8(images * 2 - 1))
+    result["recon_mse"] = F.mse_loss(from_uint8(recon), inputs).item()
+    result["vae_recon_mse"] = F.mse_loss(from_uint8(vae_recon), inputs).item()
     result["fid"], _ = save_and_score_composed(generated, val_set, out, device)
     result.update(step=state["step"], val_images=len(val_set), generated_images=n, comp_sample=cfg.comp_sample,
                   sample_steps=cfg.sample_steps or cfg.diffusion.timesteps)

@@ -24,13 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import slotdiff  # noqa: E402
 import trainlib  # noqa: E402
-from data import iterate_batches, load_split, to_uint8  # noqa: E402
+from data import from_uint8, iterate_batches, load_split, to_uint8  # noqa: E402
 from errors import InputError  # noqa: E402
-
-
-def as_signed(images) -> torch.Tensor:
-    """uint8 (n,H,W,3) images as floats in [-1, 1], the range `slotdiff.py eval` measures MSE in."""
-    return torch.as_tensor(images).float() / 127.5 - 1
 
 
 def decompose(samples: list[torch.Tensor], inputs: torch.Tensor) -> dict[str, float]:
@@ -65,11 +60,11 @@ def main() -> None:
     images, _ = next(iterate_batches(scenes, args.scenes, device))
     with trainlib.autocast(device, cfg.amp):
         slots, _ = model.encoder(images)
-    samples = [as_signed(slotdiff.generate(model, vqvae, slots.float(), dataclasses.replace(
+    samples = [from_uint8(slotdiff.generate(model, vqvae, slots.float(), dataclasses.replace(
         cfg, seed=seed, sample_steps=args.sample_steps or cfg.sample_steps), device)) for seed in range(args.seeds)]
     result = dict(ckpt=args.ckpt, step=state["step"], scenes=len(images), seeds=args.seeds,
                   sample_steps=args.sample_steps or cfg.sample_steps or cfg.diffusion.timesteps,
-                  **decompose(samples, as_signed(to_uint8(images * 2 - 1))))
+                  **decompose(samples, from_uint8(to_uint8(images * 2 - 1))))
     print(json.dumps(result, indent=1))
 
 

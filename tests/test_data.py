@@ -381,6 +381,17 @@ def test_colorize_and_save_grid(tmp_path):
         data.save_grid(images, str(tmp_path / "bad.png"), nrow=3, labels=["only one", "x", "y", "z"])
 
 
+def test_uint8_pictures_round_trip_in_the_model_range():
+    images = torch.tensor([-1.0, -0.5, 0.0, 0.3, 1.0, 1.7]).view(1, 3, 1, 2)   # NCHW, one value out of range
+    pictures = data.to_uint8(images)
+    assert pictures.shape == (1, 1, 2, 3) and pictures.dtype == np.uint8
+    back = data.from_uint8(pictures)                                              # NHWC floats in [-1, 1]
+    assert back.shape == (1, 1, 2, 3) and back.dtype == torch.float32
+    expected = images.clamp(-1, 1).permute(0, 2, 3, 1)
+    assert (back - expected).abs().max() <= 0.5 / 127.5 + 1e-6                    # within half a grey level
+    assert back.min() == -1 and back.max() == 1                                   # the ends are exact
+
+
 def test_cli_preview_and_error_exit(tmp_path, capsys):
     out = tmp_path / "preview.png"
     data.main(["--preview", str(out), "--resolution", "32", "--n", "4", "--cache-dir", str(tmp_path / "cache")])
