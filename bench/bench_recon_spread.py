@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import slotdiff  # noqa: E402
@@ -30,12 +31,10 @@ from errors import InputError  # noqa: E402
 
 def decompose(samples: list[torch.Tensor], inputs: torch.Tensor) -> dict[str, float]:
     """per-sample MSE, half the mean MSE between two samples, and the MSE of their mean, all against `inputs`."""
-    def mse(a: torch.Tensor, b: torch.Tensor) -> float:
-        return ((a - b) ** 2).mean().item()
-    pairs = [mse(a, b) for i, a in enumerate(samples) for b in samples[i + 1:]]
-    return dict(per_sample=sum(mse(s, inputs) for s in samples) / len(samples),
+    pairs = [F.mse_loss(a, b).item() for i, a in enumerate(samples) for b in samples[i + 1:]]
+    return dict(per_sample=sum(F.mse_loss(s, inputs).item() for s in samples) / len(samples),
                 spread=sum(pairs) / len(pairs) / 2,
-                mean_vs_input=mse(torch.stack(samples).mean(0), inputs))
+                mean_vs_input=F.mse_loss(torch.stack(samples).mean(0), inputs).item())
 
 
 @torch.no_grad()
