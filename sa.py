@@ -335,15 +335,14 @@ def lr_at(step: int, cfg: SAConfig, progress: float = 0.0) -> float:
 
 
 def train_step(step_model: nn.Module, model: SlotAutoencoder, opt: torch.optim.Optimizer, scaler, images: torch.Tensor,
-               step: int, cfg: SAConfig, device: torch.device, progress: float = 0.0) -> torch.Tensor:
-    """One optimiser step at lr_at(step, progress) (step_model: the compiled / DDP view of model; progress: the
-    share of the budget spent); returns the loss."""
+               step: int, cfg: SAConfig, progress: float = 0.0, world_size: int = 1) -> tuple[torch.Tensor, str | None]:
+    """One optimiser step at lr_at(step, progress) (step_model: TrainLoop.step_model's autocast / compiled / DDP view
+    of model; progress: the share of the budget spent); returns the loss and, when the step was not applied, what
+    was not finite (trainlib.optimizer_step)."""
     for group in opt.param_groups:
         group["lr"] = lr_at(step, cfg, progress)
-    with trainlib.autocast(device, cfg.amp):
-        loss = step_model(images)["loss"]
-    trainlib.optimizer_step(loss, opt, scaler, model.parameters(), cfg.grad_clip)
-    return loss
+    loss = step_model(images)["loss"]
+    return loss, trainlib.optimizer_step(loss, opt, scaler, model, cfg.grad_clip, world_size)
 
 
 def checkpoint_state(model: nn.Module, opt: torch.optim.Optimizer, scaler, step: int, cfg: SAConfig) -> dict:
@@ -418,19 +417,19 @@ def train(cfg: SAConfig, resume: str | None = None, overwrite: bool = False) -> 
         start = trainlib.restore(state, resume, master, model=model, optimizer=opt, scaler=scaler)
     loop = trainlib.TrainLoop(cfg, start, Path(cfg.out), script="sa.py", title="Slot Attention + SBD",
                               resumed=bool(resume), master=master, world_size=ddp.world_size, device=device,
-                              images_per_step=cfg.batch_size * ddp.world_size, epoch_size=len(train_set),
-                              compiled=cfg.compile)
+                              images_per_step=cfg.batch_size * ddp.world_size, epoch_size=len(train_set))
 
-    step_model = trainlib.compile_model(model, cfg.compile)
+    batch = lambda step: get_batch(train_set, step, cfg.batch_size, cfg.seed, device, ddp.rank, ddp.world_size)[0]
+    first = batch(start)
+    step_model = loop.step_model(model, loss_of=lambda view: view(first)["loss"])
     if ddp.world_size > 1:
         step_model = nn.parallel.DistributedDataParallel(step_model, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
     for step in loop.steps():
-        images, _ = get_batch(train_set, step, cfg.batch_size, cfg.seed, device, ddp.rank, ddp.world_size)
         progress = loop.progress(step)
-        loss = train_step(step_model, model, opt, scaler, images, step, cfg, device, progress)
+        loss, problem = train_step(step_model, model, opt, scaler, batch(step), step, cfg, progress, ddp.world_size)
         loop.end_step(step + 1, loss, lr_at(step, cfg, progress),
                       evaluate=lambda: evaluate_masks(model, val_set, cfg, device, limit=cfg.eval_images),
-                      state=lambda: checkpoint_state(model, opt, scaler, step + 1, cfg))
+                      state=lambda: checkpoint_state(model, opt, scaler, step + 1, cfg), problem=problem)
     if ddp.world_size > 1:
         torch.distributed.destroy_process_group()
     return loop.ckpt if master else None

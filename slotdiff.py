@@ -587,18 +587,18 @@ def make_optimizer(model: SlotDiffusion, cfg: SDConfig) -> torch.optim.Adam:
 
 
 def train_step(step_model: nn.Module, model: SlotDiffusion, opt: torch.optim.Optimizer, scaler, images: torch.Tensor,
-               latents: torch.Tensor, step: int, cfg: SDConfig, device: torch.device,
-               ema: trainlib.EMA | None = None, progress: float = 0.0) -> torch.Tensor:
-    """One optimiser step on images and their VAE latents (step_model: the compiled / DDP view of model), then
-    the EMA of the weights when there is one; progress: the share of the budget spent (lr_scale)."""
+               latents: torch.Tensor, step: int, cfg: SDConfig, ema: trainlib.EMA | None = None,
+               progress: float = 0.0, world_size: int = 1) -> tuple[torch.Tensor, str | None]:
+    """One optimiser step on images and their VAE latents (step_model: TrainLoop.step_model's autocast / compiled /
+    DDP view of model), then the EMA of the weights when there is one; progress: the share of the budget spent
+    (lr_scale). Returns the loss and, when the step was not applied, what was not finite."""
     for group, name in zip(opt.param_groups, ("encoder", "unet")):   # make_optimizer's order
         group["lr"] = group["base_lr"] * lr_scale(step, cfg, name, progress)
-    with trainlib.autocast(device, cfg.amp):
-        loss = step_model(images, latents)["loss"]
-    trainlib.optimizer_step(loss, opt, scaler, model.parameters(), cfg.grad_clip)
-    if ema is not None:
+    loss = step_model(images, latents)["loss"]
+    problem = trainlib.optimizer_step(loss, opt, scaler, model, cfg.grad_clip, world_size)
+    if ema is not None and problem is None:
         ema.update(model)
-    return loss
+    return loss, problem
 
 
 def checkpoint_state(model: nn.Module, opt: torch.optim.Optimizer, scaler, step: int, cfg: SDConfig,
@@ -710,8 +710,7 @@ def train(cfg: SDConfig, resume: str | None = None, overwrite: bool = False) -> 
             print(f"{resume} kept no weight average: --ema-decay {cfg.ema_decay} starts it from the restored weights")
     loop = trainlib.TrainLoop(cfg, start, Path(cfg.out), script="slotdiff.py", title="SlotDiffusion",
                               resumed=bool(resume), master=master, world_size=ddp.world_size, device=device,
-                              images_per_step=cfg.batch_size * ddp.world_size, epoch_size=len(train_set),
-                              compiled=cfg.compile)
+                              images_per_step=cfg.batch_size * ddp.world_size, epoch_size=len(train_set))
     if master:
         print(f"SlotDiffusion: encoder {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M + UNet "
               f"{sum(p.numel() for p in model.unet.parameters()) / 1e6:.2f}M params, latents "
@@ -722,18 +721,21 @@ def train(cfg: SDConfig, resume: str | None = None, overwrite: bool = False) -> 
                   f"--encoder-from; from scratch it may stop before slots bind to objects (--encoder-delay 0 "
                   f"--encoder-steps 0 train it throughout)")
 
-    step_model = trainlib.compile_model(model, cfg.compile)
+    batch = lambda step: batch_with_latents(train_set, train_latents, step, cfg, device, ddp.rank, ddp.world_size)
+    first = batch(start)
+    step_model = loop.step_model(model, loss_of=lambda view: view(*first)["loss"])
     if ddp.world_size > 1:
         step_model = nn.parallel.DistributedDataParallel(
             step_model, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
     for step in loop.steps():
-        images, latents = batch_with_latents(train_set, train_latents, step, cfg, device, ddp.rank, ddp.world_size)
         progress = loop.progress(step)
-        loss = train_step(step_model, model, opt, scaler, images, latents, step, cfg, device, ema, progress)
+        loss, problem = train_step(step_model, model, opt, scaler, *batch(step), step, cfg, ema, progress,
+                                   ddp.world_size)
         loop.end_step(step + 1, loss, cfg.unet_lr * lr_scale(step, cfg, progress=progress),
                       evaluate=lambda: evaluate_loss_and_masks(scored_model(model, ema), val_set, val_latents,
                                                                cfg, device, limit=cfg.eval_images),
-                      state=lambda: checkpoint_state(model, opt, scaler, step + 1, cfg, vae_hash, ema))
+                      state=lambda: checkpoint_state(model, opt, scaler, step + 1, cfg, vae_hash, ema),
+                      problem=problem)
     if ddp.world_size > 1:
         torch.distributed.destroy_process_group()
     return loop.ckpt if master else None
@@ -749,22 +751,28 @@ def pytorch_sampler(model: SlotDiffusion, cfg: SDConfig, device: torch.device) -
     """sample(slots, latent_shape, seed, steps=None, progress=True) -> latents: the DDPM chain (cfg.sample_steps,
     or `steps`) with the UNet compiled and under autocast as cfg says. A compiled UNet's first call compiles it:
     that call is made alone, announced and timed (trainlib.compile_notice), so a chain's progress bar never sits
-    silent on it."""
+    silent on it, and its output is checked against the eager UNet's (trainlib.check_compiled_inference): where
+    they disagree, sampling runs eagerly and says why in one line."""
     denoiser = trainlib.compile_model(model.unet, cfg.compile)
-    warmed_up = not cfg.compile
+    checked = not cfg.compile
 
     @torch.no_grad()
     def sample(slots: torch.Tensor, shape: tuple[int, int, int], seed: int, steps: int | None = None,
                progress: bool = True) -> torch.Tensor:
-        nonlocal warmed_up
+        nonlocal checked, denoiser
+        if not checked:
+            tqdm.write(trainlib.compile_notice(SAMPLER_TITLE, "the sampling UNet"))
+            start = time.monotonic()
+            generator = torch.Generator().manual_seed(seed)
+            probe = (torch.randn(len(slots), *shape, generator=generator).to(device),
+                     torch.randint(0, cfg.diffusion.timesteps, (len(slots),), generator=generator).to(device), slots)
+            check = trainlib.check_compiled_inference(model.unet, denoiser, probe, device, cfg.amp)
+            trainlib.record_compile_time(SAMPLER_TITLE, time.monotonic() - start)
+            if not check.ok:
+                tqdm.write(f"the compiled sampling UNet disagreed with eager: {check.reason}; sampling eagerly")
+                denoiser = model.unet
+            checked = True
         with trainlib.autocast(device, cfg.amp):
-            if not warmed_up:
-                tqdm.write(trainlib.compile_notice(SAMPLER_TITLE, "the sampling UNet"))
-                start = time.monotonic()
-                denoiser(torch.zeros(len(slots), *shape, device=device),
-                         torch.zeros(len(slots), dtype=torch.long, device=device), slots)
-                trainlib.record_compile_time(SAMPLER_TITLE, time.monotonic() - start)
-                warmed_up = True
             return model.diffusion.sample(denoiser, slots, shape, seed=seed, steps=steps or cfg.sample_steps,
                                           progress=progress)
     return sample

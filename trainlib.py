@@ -170,7 +170,8 @@ def parse_command_line(cls, presets: dict, argv: list[str], description: str, ki
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(presets), help="a named set of overrides (explicit flags still win)")
     p.add_argument("--resume", help="train: continue exactly from this checkpoint (its settings, model, optimiser, "
-                                    "step and random state)")
+                                    "step and random state); auto: from --out's checkpoint if there is one, else "
+                                    "start a new run (a command a cluster can requeue unchanged)")
     p.add_argument("--ckpt", help="eval: the checkpoint to evaluate")
     p.add_argument("--no-eval", action="store_true", help="train: skip the final evaluation")
     p.add_argument("--overwrite", action="store_true", help="train: replace the run already in --out")
@@ -180,10 +181,14 @@ def parse_command_line(cls, presets: dict, argv: list[str], description: str, ki
         p.add_argument(flag(leaf), type=flag_parser(hints[leaf]), default=None,
                        metavar=leaf.upper(), help=f"{comments.get(leaf, '')} (default {default})".strip())
     args = p.parse_args(attach_negative_numbers(argv))
-    base = {}
+    args.auto_resume = args.resume == "auto"
+    if args.auto_resume:
+        args.resume = auto_resume(Path(args.out or presets.get(args.preset, {}).get("out") or cls().out))
+    base, args.finished = {}, False
     source = args.resume or args.ckpt
     if source:
-        base = load_checkpoint(source, kind=kind)["config"]
+        state = load_checkpoint(source, kind=kind)
+        base, args.finished = state["config"], state.get("finished", False)
         if args.preset:
             print(f"note: --preset {args.preset} is ignored: {source} continues with its own settings "
                   f"(explicit flags still apply)")
@@ -192,6 +197,16 @@ def parse_command_line(cls, presets: dict, argv: list[str], description: str, ki
     explicit = {leaf: getattr(args, leaf) for leaf in hints if getattr(args, leaf) is not None}
     cfg = config_from_checkpoint(cls, base, source) if source else make_config(cls, base)
     return command, with_overrides(cfg, explicit), args
+
+
+def auto_resume(out: Path) -> str | None:
+    """--resume auto: out's checkpoint when there is one, else None (a new run), said in one line."""
+    ckpt = out / "ckpt.pt"
+    if not ckpt.exists():
+        print(f"--resume auto: no checkpoint in {out} yet; starting a new run")
+        return None
+    print(f"--resume auto: continuing {ckpt}")
+    return str(ckpt)
 
 
 def run_command_line(argv: list[str] | None, cls, presets: dict, description: str, kind: str, validate: Callable,
@@ -211,7 +226,11 @@ def run_command_line(argv: list[str] | None, cls, presets: dict, description: st
                 raise InputError(f"eval needs --ckpt PATH (e.g. {cls().out}/ckpt.pt, written by training)")
             evaluate(args.ckpt, cfg, out=args.out)
             return
-        ckpt = train(cfg, resume=args.resume, overwrite=args.overwrite)
+        if args.auto_resume and args.finished:   # a requeued job whose training had ended: evaluate, if asked
+            print(f"--resume auto: {args.resume} is a finished run; nothing left to train")
+            ckpt = Path(args.resume) if int(os.environ.get("RANK", "0")) == 0 else None
+        else:
+            ckpt = train(cfg, resume=args.resume, overwrite=args.overwrite)
         if ckpt is not None and not args.no_eval:   # None: a DDP rank other than the first
             evaluate(ckpt)
     except InputError as e:
@@ -497,9 +516,9 @@ def check_kind(state, kind: str, path: str | Path) -> None:
 
 
 def prepare_out(out: str | Path, resume: str | None, overwrite: bool) -> Path:
-    """Checks the output folder before any work: it must be a writable folder, and a new run must not replace an
-    earlier one by accident (it would truncate its metrics and overwrite its checkpoint). Leftover temp files of a
-    checkpoint save that was killed are removed."""
+    """Checks the output folder before any work: it must be a writable folder, and a new run (or one resumed from
+    another folder) must not replace the checkpoint of an earlier one by accident. The log of a run killed before
+    its first checkpoint is no such run, and leftover temp files of a checkpoint save that was killed are removed."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; give a folder for the checkpoint, metrics and pictures")
@@ -509,10 +528,16 @@ def prepare_out(out: str | Path, resume: str | None, overwrite: bool) -> Path:
             pass
     except OSError as e:
         raise InputError(f"--out {out} is not a writable folder ({e.strerror}); choose another --out") from None
-    earlier = [name for name in ("ckpt.pt", "metrics.jsonl") if (out / name).exists()]
-    if earlier and not resume and not overwrite:
-        raise InputError(f"--out {out} already holds a run ({', '.join(earlier)}); continue it with --resume "
-                         f"{out / 'ckpt.pt'}, choose another --out, or pass --overwrite to replace it")
+    ckpt = out / "ckpt.pt"
+    if ckpt.exists() and not overwrite:
+        if not resume:
+            raise InputError(f"--out {out} already holds a run ({ckpt}); continue it with --resume {ckpt} (or "
+                             f"--resume auto), choose another --out, or pass --overwrite to replace it")
+        if ckpt.resolve() != Path(resume).resolve():
+            raise InputError(f"--out {out} already holds another run ({ckpt}), which --resume {resume} would "
+                             f"replace; choose another --out, or pass --overwrite to replace it")
+    elif (out / "metrics.jsonl").exists() and not resume:   # a run killed before its first checkpoint
+        print(f"note: {out} holds the log of a run that ended before its first checkpoint; starting afresh")
     for leftover in out.glob("ckpt.pt.*.tmp"):
         leftover.unlink(missing_ok=True)
     return out
@@ -602,24 +627,33 @@ SCORE_NAMES = {"fg_ari": "FG-ARI", "ari": "ARI", "mbo": "mBO", "train_loss": "tr
 
 
 class StopOnInterrupt:
-    """The first Ctrl-C only sets .requested, so the loop can finish its step, checkpoint and exit;
-    a second Ctrl-C interrupts immediately."""
+    """The first Ctrl-C or SIGTERM (what SLURM and other schedulers send before they kill a job) only records the
+    signal, so the loop can finish its step, checkpoint and exit with 128 + its number; a second one interrupts
+    immediately."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, then: str = "writing a checkpoint"):
-        self.requested, self.then = False, then
+        self.signal, self.then = 0, then
+
+    @property
+    def requested(self) -> bool:
+        return self.signal != 0
 
     def _handler(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        print(f"\ninterrupt: finishing this step and {self.then} (Ctrl-C again to abort)", flush=True)
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step and {self.then} (Ctrl-C again to abort)",
+              flush=True)
 
     def __enter__(self):
-        self._previous = signal.signal(signal.SIGINT, self._handler)
+        self._previous = {number: signal.signal(number, self._handler) for number in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._previous)
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
         return False
 
 
@@ -632,20 +666,14 @@ class TimeBudget:
         self.seconds = minutes * 60
         self.deadline = time.monotonic() + self.seconds if minutes > 0 else None
 
-    def spent(self, world_size: int = 1, device: torch.device | None = None) -> float:
-        """The share of the budget used so far (0 without a budget); under DDP the first rank's clock for every
-        rank, so all of them stop at the same step and a schedule that follows it gives them the same rate."""
+    def spent(self) -> float:
+        """The share of the budget used so far (0 without a budget)."""
         if self.deadline is None:
             return 0.0
-        share = 1.0 - (self.deadline - time.monotonic()) / self.seconds
-        if world_size > 1:
-            value = torch.tensor(share, device=device)
-            dist.broadcast(value, src=0)
-            share = value.item()
-        return share
+        return 1.0 - (self.deadline - time.monotonic()) / self.seconds
 
-    def expired(self, world_size: int = 1, device: torch.device | None = None) -> bool:
-        return self.spent(world_size, device) > 1
+    def expired(self) -> bool:
+        return self.spent() > 1
 
 
 class TrainProgress:
@@ -711,16 +739,35 @@ def adam(params, **kwargs) -> torch.optim.Adam:
     return torch.optim.Adam(params, fused=True, **kwargs)
 
 
-def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler, parameters, grad_clip: float = 0.0) -> None:
-    """Backward through the AMP loss scaler, optional gradient-norm clipping (on unscaled gradients), then the
-    optimiser step: the same for every training script."""
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler, model: torch.nn.Module,
+                   grad_clip: float = 0.0, world_size: int = 1) -> str | None:
+    """Backward through the AMP loss scaler, then the optimiser step (after gradient-norm clipping when grad_clip >
+    0), only if the loss and the gradient norm are finite on every rank: one non-finite step would poison the
+    weights for good. Returns None when the step was applied, else what was not finite (for TrainLoop.end_step,
+    which stops a run after MAX_BAD_STEPS of them in a row)."""
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    if grad_clip > 0:
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
-    scaler.step(opt)
-    scaler.update()
+    scaler.unscale_(opt)   # a no-op without fp16 loss scaling
+    named = [(name, p) for name, p in model.named_parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for _, p in named])
+    finite = torch.stack([torch.isfinite(loss.detach()).all(), torch.isfinite(norm)]).to(torch.int)
+    if world_size > 1:   # every rank's loss: one rank's NaN reaches all gradients anyway, but all must agree
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    loss_ok, grads_ok = finite.tolist()
+    if loss_ok and grads_ok and grad_clip > 0:
+        torch.nn.utils.clip_grads_with_norm_([p for _, p in named], grad_clip, norm)
+    if scaler.is_enabled():   # fp16: the scaler skips a step with inf gradients itself and lowers its scale
+        scaler.step(opt)
+        scaler.update()
+        return None if loss_ok else f"the loss was {loss.item()}"
+    if loss_ok and grads_ok:
+        opt.step()
+        return None
+    if not loss_ok:
+        return f"the loss was {loss.item()}"
+    bad = [name for name, p in named if not torch.isfinite(p.grad).all()]
+    return (f"the gradients of {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} ({len(bad)} of {len(named)} "
+            f"tensors) were not finite")
 
 
 def restore(state: dict, path: str | Path, master: bool = True, **parts) -> int:
@@ -748,7 +795,121 @@ def compile_model(model: torch.nn.Module, enabled: bool = True) -> torch.nn.Modu
         return model
     # set, not setdefault (see CHOSEN_COMPILE_CACHE); inductor reads the variable at every cache lookup
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = CHOSEN_COMPILE_CACHE or str(COMPILE_CACHE.resolve())
+    import torch._inductor.config   # here, not at the top: only a compiled run pays its import
+    # random ops (Gaussian slots, diffusion noise) draw eager's numbers for the same seed, so check_compiled compares
+    # like with like; they are a negligible share of a step
+    torch._inductor.config.fallback_random = True
     return torch.compile(model)
+
+
+class Autocast(torch.nn.Module):
+    """model(...) under --amp's autocast, entered inside forward: the view every training step calls, compiled or
+    not, never inside an autocast of its own. torch.compile traces the backward pass under the autocast active
+    around the compiled call, so an outer autocast ran the backward of Slot Attention's fp32 iterations in bf16
+    while their forward ran in fp32 (its GRU gradients came out non-finite on an AMX CPU); entered inside, the
+    backward keeps the forward's dtypes, as in eager (bench/bench_compile.py)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, enabled: bool):
+        super().__init__()
+        self.model, self.device_type = model, device.type
+        self.dtype = amp_dtype(device) if enabled else None   # here: dynamo cannot trace the CPU feature query
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None):
+            return self.model(*args, **kwargs)
+
+
+def training_view(model: torch.nn.Module, device: torch.device, amp: bool, compiled: bool) -> torch.nn.Module:
+    """The view a training step calls (Autocast, compiled or not), unchecked: for benchmarks; the training scripts
+    take TrainLoop.step_model's, checked against eager."""
+    return compile_model(Autocast(model, device, amp), compiled)
+
+
+@dataclass
+class CompileCheck:
+    """check_compiled's verdict: ok, why not (empty when ok), and one row per gradient (then the loss): name, norm
+    of the fp32 eager reference, the eager --amp step's distance from it, the compiled step's, and the distance
+    allowed to the compiled step."""
+    ok: bool
+    reason: str
+    rows: list[tuple[str, float, float, float, float]]
+
+
+def loss_and_gradients(view: torch.nn.Module, loss_of: Callable[[torch.nn.Module], torch.Tensor],
+                       model: torch.nn.Module, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """{"loss": ..., parameter name: gradient, ...} of loss_of(view) in fp32, from the current weights and a fixed
+    seed; the training RNG and model's gradients are left as they were (none)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        loss = loss_of(view)
+        model.zero_grad(set_to_none=True)
+        loss.float().backward()
+    values = {name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().clone()
+              for name, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return {**values, "loss": loss.detach().float().reshape(1)}
+
+
+def compare_with_eager(reference: dict[str, torch.Tensor], eager: dict[str, torch.Tensor],
+                       compiled: dict[str, torch.Tensor]) -> CompileCheck:
+    """The compiled values against eager fp32's (reference), each allowed twice eager --amp's error + 5% of the
+    reference + a millionth of the largest reference (for values that are zero but for rounding): rounding, not a
+    wrong kernel (eager bf16 itself is off by up to 75% on gradients that sum many cancelling terms, so compiled
+    bf16 is never compared with eager bf16 directly). A reference that is not finite is no verdict on the compiler
+    (the step guard meets it)."""
+    largest = max(v.norm().item() for v in reference.values())
+    rows, reason = [], ""
+    for name, ref in reference.items():
+        eager_error, error = (eager[name] - ref).norm().item(), (compiled[name] - ref).norm().item()
+        allowed = 2 * eager_error + 0.05 * ref.norm().item() + 1e-6 * largest
+        rows.append((name, ref.norm().item(), eager_error, error, allowed))
+        if reason or not (ref.isfinite().all() and eager[name].isfinite().all()):
+            continue
+        if not compiled[name].isfinite().all():
+            reason = f"its {name} is not finite"
+        elif error > allowed:
+            scale = max(ref.norm().item(), 1e-30)
+            reason = f"its {name} is {error / scale:.0%} off eager fp32's (eager --amp: {eager_error / scale:.0%})"
+    return CompileCheck(not reason, reason, rows)
+
+
+def compare_steps(reference: dict[str, torch.Tensor], eager: dict[str, torch.Tensor],
+                  compiled: dict[str, torch.Tensor]) -> CompileCheck:
+    """compare_with_eager for loss_and_gradients' values: the gradients, and the loss on its own scale."""
+    def part(values, loss):
+        return {k if loss else f"gradient of {k}": v for k, v in values.items() if (k == "loss") == loss}
+    gradients, loss = (compare_with_eager(part(reference, x), part(eager, x), part(compiled, x)) for x in (False, True))
+    return CompileCheck(loss.ok and gradients.ok, loss.reason or gradients.reason, gradients.rows + loss.rows)
+
+
+def check_compiled(model: torch.nn.Module, compiled: torch.nn.Module, loss_of: Callable[[torch.nn.Module], torch.Tensor],
+                   device: torch.device, amp: bool, world_size: int = 1) -> CompileCheck:
+    """Is the compiled training step right here? One batch (loss_of(view) -> its loss) through it and through eager
+    from the same weights and seed, the loss and every gradient compared (compare_with_eager). Costs two eager
+    steps beside the compilation. Under DDP every rank checks its own batch and all follow the strictest verdict."""
+    reference = loss_and_gradients(Autocast(model, device, False), loss_of, model, device)
+    eager = (loss_and_gradients(Autocast(model, device, True), loss_of, model, device)
+             if amp and amp_dtype(device) is not None else reference)
+    check = compare_steps(reference, eager, loss_and_gradients(compiled, loss_of, model, device))
+    if world_size > 1:
+        ok = torch.tensor(int(check.ok), device=device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if not ok.item() and check.ok:
+            check = CompileCheck(False, "another rank's compiled step disagreed with eager", check.rows)
+    return check
+
+
+@torch.no_grad()
+def check_compiled_inference(model: torch.nn.Module, compiled: torch.nn.Module, inputs: tuple, device: torch.device,
+                             amp: bool) -> CompileCheck:
+    """check_compiled for a network used without gradients (the sampling UNet): its output on `inputs`, compiled
+    (called under --amp's autocast) against eager."""
+    def output(view, enabled):
+        with autocast(device, enabled):
+            return {"output": view(*inputs).float()}
+    reference = output(model, False)
+    eager = output(model, True) if amp and amp_dtype(device) is not None else reference
+    return compare_with_eager(reference, eager, output(compiled, amp))
 
 
 def compile_times() -> dict[str, float]:
@@ -777,40 +938,82 @@ def record_compile_time(title: str, seconds: float) -> None:
                                                                            title: round(seconds, 1)}))
 
 
+MAX_BAD_STEPS = 3   # non-finite steps in a row (none of them applied) that stop a run
+
+
+class Diverged(InputError):
+    """Training went non-finite and was stopped: reported like bad input, as one line with the likely fix."""
+
+
+def all_finite(weights: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(w).all()) for w in weights.values() if w.is_floating_point())
+
+
 class TrainLoop:
     """The bookkeeping every training script does around its own loop body, written once: the time budget, a
     progress bar with a true ETA, the metrics log, periodic evaluation with the loss-curve picture, atomic
-    checkpoints (every ckpt_every steps, at the last step, on Ctrl-C) and what to print when it stops.
+    checkpoints (every ckpt_every steps, at the last step, on Ctrl-C or SIGTERM), numerical health (the compiled
+    step checked against eager before training; a run of non-finite steps stops it) and what to print when it
+    stops.
 
         loop = TrainLoop(cfg, start, out, script="sa.py", title="...", resumed=bool(resume))
+        step_model = loop.step_model(model, loss_of=lambda view: view(first_batch)["loss"])
         for step in loop.steps():
-            loss = ...one optimiser step...
-            loop.end_step(step + 1, loss, lr, evaluate=lambda: {...scores...}, state=lambda: {...checkpoint...})
+            loss, problem = ...one optimiser step through step_model (trainlib.optimizer_step)...
+            loop.end_step(step + 1, loss, lr, evaluate=lambda: {...scores...}, state=lambda: {...checkpoint...},
+                          problem=problem)
 
-    cfg needs steps, max_minutes, log_every, eval_every and ckpt_every. Under DDP only the master logs,
-    evaluates and saves, but every rank stops at the same step."""
+    cfg needs steps, max_minutes, log_every, eval_every, ckpt_every (compile and amp where the script has them).
+    Under DDP only the master logs, evaluates and saves, but every rank stops at the same step."""
 
     def __init__(self, cfg, start: int, out: Path, script: str, title: str, resumed: bool = False,
                  master: bool = True, world_size: int = 1, device: torch.device | None = None,
-                 images_per_step: int = 1, epoch_size: int = 1, compiled: bool = False):
-        self.compiled = compiled
+                 images_per_step: int = 1, epoch_size: int = 1):
         self.cfg, self.start, self.out, self.script, self.title = cfg, start, Path(out), script, title
         self.master, self.world_size, self.device = master, world_size, device or torch.device("cpu")
         self.images_per_step, self.epoch_size = images_per_step, epoch_size
         self.ckpt = self.out / "ckpt.pt"
+        self.compiled = getattr(cfg, "compile", False)
         self.log = MetricsLog(self.out / "metrics.jsonl", resume_step=start if resumed else None) if master else None
-        if master:   # the settings in effect, for the reader of the run folder (checkpoints carry their own copy)
-            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        self.write_config()
         self.finished = start >= cfg.steps
         self.interrupt = StopOnInterrupt()
+        self.bad_in_row = 0
+
+    def write_config(self, **notes) -> None:
+        """The settings in effect, for the reader of the run folder (checkpoints carry their own copy)."""
+        if self.master:
+            (self.out / "config.json").write_text(json.dumps({**dataclasses.asdict(self.cfg), **notes}, indent=2))
+
+    def step_model(self, model: torch.nn.Module, loss_of: Callable[[torch.nn.Module], torch.Tensor]) -> torch.nn.Module:
+        """What the training step calls: model under --amp's autocast (Autocast), compiled with --compile 1 if the
+        compiled step agrees with eager on the first batch (loss_of(view) -> its loss; check_compiled), else eager,
+        said in one line and recorded in metrics.jsonl and config.json."""
+        cfg, eager = self.cfg, Autocast(model, self.device, getattr(self.cfg, "amp", False))
+        if not self.compiled:
+            return eager
+        if self.master:
+            print(compile_notice(self.title), flush=True)
+        began = time.monotonic()
+        compiled = compile_model(eager)
+        check = check_compiled(model, compiled, loss_of, self.device, getattr(cfg, "amp", False), self.world_size)
+        if self.master:
+            record_compile_time(self.title, time.monotonic() - began)
+            self.log.log(step=self.start, compile_check="passed" if check.ok else check.reason)
+        if check.ok:
+            return compiled
+        self.compiled = False
+        self.write_config(compile=False, compile_fallback=check.reason)
+        if self.master:
+            print(f"the compiled training step disagreed with eager on the first batch: {check.reason}; training "
+                  f"eagerly instead (as --compile 0; bench/bench_compile.py shows every gradient)", flush=True)
+        return eager
 
     def steps(self):
-        """The step numbers to run, from the start until the last step, the budget or a Ctrl-C."""
+        """The step numbers to run, from the start until the last step, the budget, a Ctrl-C or a SIGTERM."""
         self.budget, self.spent = TimeBudget(self.cfg.max_minutes), 0.0
         self.bar = TrainProgress(self.start, self.cfg.steps, self.cfg.max_minutes, disable=not self.master)
         step = self.start
-        if self.compiled and self.master:
-            self.bar.write(compile_notice(self.title))
         if getattr(self.cfg, "amp", False) and self.master and precision(self.device, True) == "fp32":
             self.bar.write("--amp: this CPU has no bf16 arithmetic (AVX-512 BF16 or AMX), where bf16 autocast runs "
                            "~13x slower than fp32; training in fp32")
@@ -826,15 +1029,23 @@ class TrainLoop:
         """budget_progress of --steps and --max-minutes (its time as measured at the end of the step before)."""
         return budget_progress(step, self.cfg.steps, self.spent)
 
+    def shared_clock_and_signal(self) -> tuple[float, int]:
+        """The budget's share spent and the stop signal received (0: none), the same on every rank: the largest
+        over the ranks, so a signal that reached one rank stops them all at this step."""
+        values = torch.tensor([self.budget.spent(), float(self.interrupt.signal)], device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        spent, signum = values.tolist()
+        return spent, int(signum)
+
     def end_step(self, done: int, loss: torch.Tensor, lr: float, evaluate: Callable[[], dict],
-                 state: Callable[[], dict]) -> None:
+                 state: Callable[[], dict], problem: str | None = None) -> None:
         cfg = self.cfg
-        self.spent = self.budget.spent(self.world_size, self.device)   # one clock reading (and collective) a step
+        self.spent, signum = self.shared_clock_and_signal()   # one clock reading (and collective) a step
+        self.check_health(done, problem)
         out_of_time = self.spent > 1
         last = done >= cfg.steps or out_of_time
         self.bar.update(done)
-        if self.compiled and self.master and done == self.start + 1:
-            record_compile_time(self.title, time.monotonic() - self.bar.began)
         epoch = done * self.images_per_step / self.epoch_size
         if done % cfg.log_every == 0 or last:
             if self.world_size > 1:  # log the loss of the global batch: the mean over the ranks' local losses
@@ -850,13 +1061,43 @@ class TrainLoop:
             self.log.log(step=done, epoch=epoch, **scores)
             self.bar.write(f"step {done}: " + "  ".join(f"{SCORE_NAMES.get(k, k)} {v:.4f}" for k, v in scores.items()))
             plot_loss_curves(self.log.records(), self.out / "loss_curves.png", title=self.title)
-        if self.master and (done % cfg.ckpt_every == 0 or last or self.interrupt.requested):
-            save_checkpoint({**state(), "finished": last}, self.ckpt)   # finished: by --steps or --max-minutes
+        if self.master and (done % cfg.ckpt_every == 0 or last or signum):
+            self.save({**state(), "finished": last}, done)   # finished: by --steps or --max-minutes
         if out_of_time and self.master:
             self.bar.write(f"--max-minutes {cfg.max_minutes:g} reached at step {done}; checkpoint {self.ckpt} "
                            f"(train further with: python {self.script} --resume {self.ckpt} --max-minutes N)")
-        if self.interrupt.requested:
+        if signum:
             self.bar.close()
-            print(f"stopped at step {done}; checkpoint {self.ckpt}. Resume: python {self.script} --resume {self.ckpt}")
-            sys.exit(130)
+            if self.master:
+                print(f"stopped at step {done} ({signal.Signals(signum).name}); checkpoint {self.ckpt}. Resume: "
+                      f"python {self.script} --resume {self.ckpt}, or the same command with --resume auto", flush=True)
+            sys.exit(128 + signum)
         self.finished = last
+
+    def check_health(self, done: int, problem: str | None) -> None:
+        """A step that optimizer_step did not apply (problem: what was not finite) is said and logged;
+        MAX_BAD_STEPS in a row stop the run with the likely fix, before any evaluation of the broken model."""
+        if problem is None:
+            self.bad_in_row = 0
+            return
+        self.bad_in_row += 1
+        if self.master:
+            self.bar.write(f"step {done}: {problem}; the step was not applied")
+            self.log.log(step=done, skipped_step=problem)
+        if self.bad_in_row < MAX_BAD_STEPS:
+            return
+        self.bar.close()
+        fixes = ["--compile 0"] if self.compiled else []
+        if getattr(self.cfg, "amp", False) and precision(self.device, True) != "fp32":
+            fixes.append("--amp 0")
+        fixes.append("a lower --lr" + ("" if getattr(self.cfg, "grad_clip", 1) else " or --grad-clip 1"))
+        kept = (f"{self.ckpt} keeps the last good weights" if self.ckpt.exists() else "no checkpoint was written")
+        raise Diverged(f"training stopped at step {done}: {problem}, {self.bad_in_row} steps in a row (none of them "
+                       f"applied; nothing evaluated); {kept}. Likely fix: {', '.join(fixes)}")
+
+    def save(self, state: dict, done: int) -> None:
+        """save_checkpoint, unless the weights are not finite: then the last good checkpoint is kept."""
+        if all_finite(state["model"]):
+            save_checkpoint(state, self.ckpt)
+        else:
+            tqdm.write(f"step {done}: the weights are not finite; not saved over {self.ckpt}")

@@ -482,10 +482,10 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) 
             group["lr"] = lr
         with trainlib.autocast(device, cfg.amp):
             loss, _, _, indices = vae_loss(model, images)
-        trainlib.optimizer_step(loss, optimizer, scaler, model.parameters())
+        problem = trainlib.optimizer_step(loss, optimizer, scaler, model)
         code_counts += torch.bincount(indices.flatten(), minlength=cfg.model.n_embed)
         loop.end_step(step + 1, loss, lr, evaluate=lambda: evaluate(model, val_scenes, cfg.batch_size, device, cfg.amp),
-                      state=lambda: checkpoint_state(model, optimizer, step + 1, cfg, code_counts))
+                      state=lambda: checkpoint_state(model, optimizer, step + 1, cfg, code_counts), problem=problem)
     return loop.ckpt
 
 

@@ -166,7 +166,7 @@ def make_run(name: str, cfg, device: torch.device, splits: dict, latents: dict,
         if encoder_weights is not None:
             model.encoder.load_state_dict(encoder_weights)
         opt = slotdiff.make_optimizer(model, cfg)
-    step_model = trainlib.compile_model(model, cfg.compile)
+    step_model = trainlib.training_view(model, device, cfg.amp, cfg.compile)
     label = name if cfg.seed == 0 else f"{name} (seed {cfg.seed})"
     ema = slotdiff.make_ema(model, cfg) if isinstance(cfg, slotdiff.SDConfig) else None
     return Run(label, cfg, model, step_model, opt, trainlib.make_grad_scaler(device, cfg.amp), run_latents, ema)
@@ -184,12 +184,11 @@ def train_for(run: Run, seconds: float, budget: float, scenes, device: torch.dev
                                             run.seconds / (run.warm_seconds if run.then else budget))
         if isinstance(run.cfg, sa.SAConfig):
             images, _ = get_batch(scenes, run.step, run.cfg.batch_size, run.cfg.seed, device)
-            sa.train_step(run.step_model, run.model, run.opt, run.scaler, images, run.step, run.cfg, device,
-                          progress).item()
+            sa.train_step(run.step_model, run.model, run.opt, run.scaler, images, run.step, run.cfg, progress)
         else:
             images, latents = slotdiff.batch_with_latents(scenes, run.latents[0], run.step, run.cfg, device)
             slotdiff.train_step(run.step_model, run.model, run.opt, run.scaler, images, latents, run.step, run.cfg,
-                                device, run.ema, progress).item()
+                                run.ema, progress)
         run.seconds += time.perf_counter() - start
         run.step += 1
 

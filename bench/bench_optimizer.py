@@ -42,14 +42,14 @@ def training_step(name: str, device: torch.device, compiled: bool) -> tuple[Call
         fused = slotdiff.make_optimizer(model, cfg)
     default = torch.optim.Adam([{key: value for key, value in group.items() if key in ("params", "lr", "base_lr")}
                                 for group in fused.param_groups])
-    run = trainlib.compile_model(model, compiled)
+    run = trainlib.training_view(model, device, cfg.amp, compiled)
     step_index = 2_000   # past SlotDiffusion's --encoder-delay (1000): the encoder trains too, as in most steps
 
     def step(opt: torch.optim.Optimizer) -> None:
         if name == "sa":
-            sa.train_step(run, model, opt, scaler, images, step_index, cfg, device)
+            sa.train_step(run, model, opt, scaler, images, step_index, cfg)
         else:
-            slotdiff.train_step(run, model, opt, scaler, images, latents, step_index, cfg, device)
+            slotdiff.train_step(run, model, opt, scaler, images, latents, step_index, cfg)
     return step, default, fused, model
 
 

@@ -323,7 +323,7 @@ def test_encoder_steps_freeze_the_encoder_after_its_horizon_while_the_unet_train
 
     for step, encoder_moves in [(2, True), (4, False)]:
         encoder, unet = weights(model.encoder), weights(model.unet)
-        slotdiff.train_step(model, model, opt, scaler, images, latents, step, cfg, torch.device("cpu"))
+        slotdiff.train_step(model, model, opt, scaler, images, latents, step, cfg)
         assert not torch.equal(weights(model.unet), unet)
         assert (not torch.equal(weights(model.encoder), encoder)) == encoder_moves
 
@@ -345,7 +345,7 @@ def test_encoder_delay_holds_the_encoder_still_then_runs_its_schedule_shifted():
     images, latents = torch.rand(4, 3, 16, 16), torch.randn(4, 3, 4, 4)
     for step, encoder_moves in [(0, False), (2, False), (4, True)]:
         encoder = [p.detach().clone() for p in model.encoder.parameters()]
-        slotdiff.train_step(model, model, opt, scaler, images, latents, step, cfg, torch.device("cpu"))
+        slotdiff.train_step(model, model, opt, scaler, images, latents, step, cfg)
         moved = any(not torch.equal(p, q) for p, q in zip(model.encoder.parameters(), encoder))
         assert moved == encoder_moves
 

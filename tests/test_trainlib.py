@@ -231,13 +231,13 @@ def test_fused_adam_takes_the_steps_of_torchs_reference_adam_and_resumes_from_it
     x, y = torch.randn(32, 5), torch.randn(32, 2)
     for _ in range(20):
         for net, opt in zip(nets, (fused, reference)):
-            trainlib.optimizer_step(((net(x) - y) ** 2).mean(), opt, scaler, net.parameters(), grad_clip=0.5)
+            trainlib.optimizer_step(((net(x) - y) ** 2).mean(), opt, scaler, net, grad_clip=0.5)
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     resumed = trainlib.adam(groups(nets[0]), betas=(0.9, 0.99))
     resumed.load_state_dict(copy.deepcopy(reference.state_dict()))   # as torch.load gives it: no shared moments
     nets[1].load_state_dict(nets[0].state_dict())     # both nets continue from the same weights and moments
     for net, opt in zip(nets, (resumed, reference)):
-        trainlib.optimizer_step(((net(x) - y) ** 2).mean(), opt, scaler, net.parameters(), grad_clip=0.5)
+        trainlib.optimizer_step(((net(x) - y) ** 2).mean(), opt, scaler, net, grad_clip=0.5)
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
