@@ -1,5 +1,7 @@
-"""Train-step throughput of sa.py's model: eager fp32, torch.compile fp32 and torch.compile + AMP (bf16), side by
-side in one run (a CPU without native bf16, e.g. AVX2 only, runs bf16 far slower than fp32: this shows it).
+"""Train-step throughput of sa.py's model: eager and torch.compile, each in fp32 and under --amp, side by side in one
+run, each step sa.train_step through the view the script trains with (trainlib.training_view: autocast inside the
+compiled module, the non-finite guard included). --amp is bf16 where the hardware has it (AVX-512 BF16, AMX, an
+Ampere+ GPU) and fp32 elsewhere, as in the scripts (the "amp" rows then repeat the fp32 ones).
 
     .venv/bin/python bench/bench_sa.py [--preset cpu] [--steps 10] [--device auto]
 
@@ -19,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sa  # noqa: E402
 import trainlib  # noqa: E402
-from benchlib import matmul_peak, reduced_precision, sync  # noqa: E402
+from benchlib import matmul_peak, sync  # noqa: E402
 
 
 def peak_rss_reset() -> None:
@@ -37,13 +39,10 @@ def peak_rss_gib() -> float:
     return float("nan")
 
 
-def make_step(model, opt, images, device, amp):
+def make_step(view, model, opt, scaler, images, cfg):
     def step():
-        with reduced_precision(device, amp):
-            loss = model(images)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss, problem = sa.train_step(view, model, opt, scaler, images, 2_000, cfg)
+        assert problem is None, problem
         return loss
     return step
 
@@ -72,13 +71,14 @@ def main():
     print(f"model FLOPs per training step (fwd+bwd): {flops / 1e9:.1f} GFLOP")
 
     variants = {}
-    for name, compiled, amp in [("eager fp32", False, False), ("compiled fp32", True, False),
-                                 ("compiled + AMP bf16", True, True)]:
+    amp_name = trainlib.precision(device, True)
+    for name, compiled, amp in [("eager fp32", False, False), (f"eager amp {amp_name}", False, True),
+                                ("compiled fp32", True, False), (f"compiled amp {amp_name}", True, True)]:
         model = sa.SlotAutoencoder(cfg).to(device)
         model.load_state_dict(base.state_dict())
         opt = trainlib.adam(model.parameters(), lr=1e-4)
-        run = torch.compile(model) if compiled else model
-        step = make_step(run, opt, images, device, amp)
+        view = trainlib.training_view(model, device, amp, compiled)
+        step = make_step(view, model, opt, trainlib.make_grad_scaler(device, amp), images, cfg)
         peak_rss_reset()
         t = time.perf_counter()
         for _ in range(2):  # warm-up (and compilation)
@@ -105,11 +105,12 @@ def main():
           + (f"{peak / 1e12:.2f} TFLOP/s" if bf16_hardware else "emulated (MFU against the fp32 peak)"))
     for name, v in variants.items():
         s = statistics.median(v["times"])
-        ref = peak if "bf16" in name else peak32
+        ref = peak if "amp" in name and bf16_hardware else peak32
         print(f"{name:22s} {s * 1e3:8.1f} ms/step  {cfg.batch_size / s:7.1f} img/s  MFU {flops / s / ref:6.1%}  "
               f"peak RSS {v['peak_gib']:.2f} GiB  (warm-up/compile {v['warmup_s']:.1f} s)")
-    eager, compiled, amp = (statistics.median(v["times"]) for v in variants.values())
-    print(f"speed-up vs eager fp32: compiled {eager / compiled:.2f}x, compiled + AMP {eager / amp:.2f}x")
+    eager, eager_amp, compiled, compiled_amp = (statistics.median(v["times"]) for v in variants.values())
+    print(f"speed-up vs eager fp32: eager amp {eager / eager_amp:.2f}x, compiled {eager / compiled:.2f}x, compiled "
+          f"amp {eager / compiled_amp:.2f}x; compiled amp vs eager amp {eager_amp / compiled_amp:.2f}x")
 
 
 if __name__ == "__main__":
