@@ -391,6 +391,101 @@ def render_scene(seed: int, resolution: int = 128, min_objects: int = 3, max_obj
     return image, mask, {"albedo": albedo, "colors": colors, "silhouettes": silhouettes}
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Synthetic 2-D shape scenes, for data statistics the CLEVR-like styles lack (a suite to choose presets on):
+#   "dsprites":        flat-coloured squares, ellipses, triangles and hearts on a background of random colour,
+#                      free to overlap (like Multi-dSprites);
+#   "textured-shapes": the same shapes with two-tone textures, on a textured background;
+#   "occluded":        a few large flat shapes that overlap heavily.
+# Each shape is a hard-edged region tested at the pixel centres and painted in order, so the mask is what was drawn.
+
+SHAPES_2D = ("square", "ellipse", "triangle", "heart")
+SHAPE_STYLES = {"dsprites": dict(size=(0.09, 0.2), textured=False),   # size: half-width, a share of the side
+                "textured-shapes": dict(size=(0.09, 0.2), textured=True),
+                "occluded": dict(size=(0.2, 0.36), textured=False)}
+
+
+def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Whether shape-local points (u, v) lie in the shape, which spans about [-1, 1] on each axis."""
+    if shape == "square":
+        return (np.abs(u) <= 0.85) & (np.abs(v) <= 0.85)
+    if shape == "ellipse":
+        return u ** 2 + (v / 0.55) ** 2 <= 1
+    if shape == "triangle":
+        return (v >= -0.75) & (v <= 1 - 1.75 * np.abs(u))
+    x, y = 1.15 * u, 1.15 * v + 0.15   # heart: (x^2 + y^2 - 1)^3 <= x^2 y^3
+    return (x ** 2 + y ** 2 - 1) ** 3 <= x ** 2 * y ** 3
+
+
+def _distinct_color(rng: np.random.Generator, hue: float, avoid: list[np.ndarray]) -> np.ndarray:
+    """A saturated colour near `hue` at least 0.3 (RGB, 0-1) from every colour in `avoid`, where one can be found."""
+    for _ in range(20):
+        color = _hsv_to_rgb((hue + rng.uniform(-0.05, 0.05)) % 1, rng.uniform(0.45, 1.0), rng.uniform(0.45, 1.0))
+        if all(np.linalg.norm(color - other) >= 0.3 for other in avoid):
+            break
+    return color
+
+
+def _texture(rng: np.random.Generator, base: np.ndarray, u: np.ndarray, v: np.ndarray, freq: float) -> np.ndarray:
+    """A random two-tone texture of `base` (a darker or lighter second tone) at the points (u, v) -> (..., 3)."""
+    second = base * rng.uniform(0.4, 0.65) if rng.random() < 0.7 else base + (1 - base) * rng.uniform(0.45, 0.7)
+    p = np.stack([u * freq, v * freq, np.full_like(u, 0.5)], -1) + np.float32([rng.random(), rng.random(), 0])
+    chosen = _pattern(TEXTURES[rng.integers(len(TEXTURES))], p, _random_directions(rng) * [1, 1, 0])
+    return np.stack([base, second]).astype(np.float32)[chosen.astype(np.int64)]
+
+
+def render_shapes(seed: int, resolution: int = 64, min_objects: int = 2, max_objects: int = 5,
+                  style: str = "dsprites") -> tuple[np.ndarray, np.ndarray]:
+    """One random 2-D scene -> image (H,W,3) uint8, mask (H,W) uint8 (0 = background, ids 1..n bottom to top).
+    Shapes hidden below a few pixels are dropped and others placed until the scene has its count (within 4 rounds)."""
+    if not 1 <= min_objects <= max_objects <= 255:
+        raise InputError(f"need 1 <= min_objects <= max_objects <= 255, got {min_objects}, {max_objects}; "
+                         f"fix the object-count settings")
+    if style not in SHAPE_STYLES:
+        raise InputError(f"unknown shape style {style!r}; choose one of {', '.join(SHAPE_STYLES)}")
+    rng = np.random.default_rng(seed)
+    size, textured = SHAPE_STYLES[style]["size"], SHAPE_STYLES[style]["textured"]
+    ys, xs = (np.mgrid[0:resolution, 0:resolution].astype(np.float32) + 0.5) / resolution
+    min_area = max(6, int(0.0035 * resolution * resolution))
+    target = int(rng.integers(min_objects, max_objects + 1))
+    background_hue = rng.random()
+    background = _hsv_to_rgb(background_hue, rng.uniform(0.1, 0.9), rng.uniform(0.25, 0.95))
+    colors, regions = [background], []
+    for _ in range(4):
+        for k in range(target - len(regions)):
+            half, angle = rng.uniform(*size), rng.uniform(0, 2 * np.pi)
+            cx, cy = rng.uniform(half * 0.5, 1 - half * 0.5, 2)
+            dx, dy = xs - cx, ys - cy
+            u = (dx * np.cos(angle) + dy * np.sin(angle)) / half
+            v = (-dx * np.sin(angle) + dy * np.cos(angle)) / half
+            color = _distinct_color(rng, background_hue + 0.2 + 0.618034 * len(colors), colors)
+            look = _texture(rng, color, u, v, rng.uniform(1.2, 2.5)) if textured else color
+            regions.append((_inside(SHAPES_2D[rng.integers(len(SHAPES_2D))], u, v), look))
+            colors.append(color)
+        painted = np.zeros((resolution, resolution), np.int64)   # 0 background, k + 1 = region k, painted in order
+        for k, (inside, _) in enumerate(regions):
+            painted[inside] = k + 1
+        area = np.bincount(painted.ravel(), minlength=len(regions) + 1)[1:]
+        regions = [region for region, visible in zip(regions, area) if visible >= min_area]
+        if len(regions) >= target:
+            break
+    image = (_texture(rng, background, xs, ys, rng.uniform(6, 12)) if textured
+             else np.broadcast_to(background, (resolution, resolution, 3))).copy()
+    mask = np.zeros((resolution, resolution), np.uint8)
+    for k, (inside, look) in enumerate(regions):
+        image[inside] = look[inside] if textured else look
+        mask[inside] = k + 1
+    image = image + PIXEL_NOISE * rng.standard_normal(image.shape, np.float32)
+    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), mask
+
+
+def render(seed: int, resolution: int, min_objects: int, max_objects: int, style: str) -> tuple[np.ndarray, np.ndarray]:
+    """One scene of any embedded style: render_scene's CLEVR-like ones or render_shapes' 2-D ones."""
+    if style in SHAPE_STYLES:
+        return render_shapes(seed, resolution, min_objects, max_objects, style)
+    return render_scene(seed, resolution, min_objects, max_objects, style)
+
+
 def _run_chunks(make_pair, jobs: list, desc: str) -> tuple[np.ndarray, np.ndarray]:
     """Apply make_pair(*job) -> (image, mask) to every job, in order, with a progress bar; two processes for big
     jobs (results do not depend on the process: every scene has its own seed or file)."""
@@ -449,7 +544,7 @@ def synthetic_scenes(n: int, resolution: int, seed: int, cache_dir: str = ".cach
     if (cached := _load_cached(folder, name)) is not None:
         return cached
     jobs = [(seed + i, resolution, min_objects, max_objects, style) for i in range(n)]
-    images, masks = _run_chunks(render_scene, jobs, f"rendering {name}")
+    images, masks = _run_chunks(render, jobs, f"rendering {name}")
     _atomic_save(folder, images=images, masks=masks)
     return _load_cached(folder, name)
 
@@ -472,7 +567,10 @@ SPLITS = ("train", "val", "test")
 SYNTHETIC_SPLITS = {"train": (0, 5000), "val": (10_000_000, 500), "test": (20_000_000, 500)}  # seed base, default n
 # --data names of the embedded generator: its style and object counts
 SYNTHETIC = {"synthetic-clevr": dict(style="clevr", min_objects=3, max_objects=6),
-             "synthetic-clevrtex": dict(style="clevrtex", min_objects=3, max_objects=10)}
+             "synthetic-clevrtex": dict(style="clevrtex", min_objects=3, max_objects=10),
+             "synthetic-dsprites": dict(style="dsprites", min_objects=2, max_objects=5),
+             "synthetic-textured-shapes": dict(style="textured-shapes", min_objects=2, max_objects=5),
+             "synthetic-occluded": dict(style="occluded", min_objects=2, max_objects=4)}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -646,8 +744,7 @@ def check_source(data: str) -> None:
 
 def _check_not_a_misspelt_generator(data: str) -> None:
     if data.startswith("synthetic") and not Path(data).exists():
-        raise InputError(f"--data {data}: the embedded generator is {' or '.join(SYNTHETIC)} (plain CLEVR-like "
-                         f"or textured CLEVRTex-like scenes)")
+        raise InputError(f"--data {data}: the embedded generator's scenes are {', '.join(SYNTHETIC)}")
 
 
 def load_split(data: str, split: str, resolution: int, limit: int | None = None, cache_dir: str = ".cache") -> Scenes:
@@ -803,7 +900,7 @@ def main(argv: list[str] | None = None) -> None:
             seed = SYNTHETIC_SPLITS.get(args.split, (0, 0))[0]
             start = time.perf_counter()
             for i in range(min(args.n, 32)):  # uncached timing on this process's single core
-                render_scene(seed + i, args.resolution, **SYNTHETIC[args.data])
+                render(seed + i, args.resolution, **SYNTHETIC[args.data])
             speed = min(args.n, 32) / (time.perf_counter() - start)
             print(f"generator speed: {speed:.0f} images/s at {args.resolution}x{args.resolution} "
                   f"(one process, wall clock)")

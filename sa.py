@@ -62,7 +62,7 @@ class DecoderConfig:
 @dataclass
 class SAConfig:
     # data
-    data: str = "synthetic-clevr"  # synthetic-clevr / synthetic-clevrtex (embedded generator) or a dataset folder
+    data: str = "synthetic-clevr"  # a name of the embedded generator (synthetic-clevr, ...; data.SYNTHETIC) or a dataset folder
     num_train: int | None = None   # scenes to use (synthetic: to generate); None = the whole split / 5000
     num_val: int | None = None     # None = the whole split / 500
     # model (official object-discovery settings)

@@ -324,7 +324,7 @@ def encode_scenes(vae: VQVAE, scenes: data.Scenes, batch_size: int, device) -> t
 @dataclass
 class TrainConfig:
     # data
-    data: str = "synthetic-clevr"  # synthetic-clevr / synthetic-clevrtex (embedded generator) or a dataset folder
+    data: str = "synthetic-clevr"  # a name of the embedded generator (synthetic-clevr, ...; data.SYNTHETIC) or a dataset folder
     resolution: int = 128
     num_train: int | None = None   # scenes to use (synthetic: to generate); None = the whole split / 5000
     num_val: int | None = None     # None = the whole split / 500

@@ -112,7 +112,8 @@ def test_synthetic_splits_do_not_overlap_and_styles_differ(tmp_path):
 
 
 def test_unknown_synthetic_name_lists_the_variants(tmp_path):
-    with pytest.raises(InputError, match="synthetic-clevr or synthetic-clevrtex"):
+    with pytest.raises(InputError, match="synthetic-clevr, synthetic-clevrtex, synthetic-dsprites, "
+                                         "synthetic-textured-shapes, synthetic-occluded"):
         data.load_split("synthetic", "train", 32, limit=3, cache_dir=str(tmp_path))
 
 
@@ -406,3 +407,29 @@ def test_two_process_generation_matches_serial(tmp_path):
     for i in (0, 77, 255):
         image, mask = data.render_scene(11 + i, 32)
         assert np.array_equal(scenes.images[i], image) and np.array_equal(scenes.masks[i], mask)
+
+
+@pytest.mark.parametrize("style", list(data.SHAPE_STYLES))
+def test_2d_shape_scenes_are_deterministic_and_keep_their_object_counts(style, tmp_path):
+    image, mask = data.render_shapes(3, 64, style=style)
+    again_image, again_mask = data.render_shapes(3, 64, style=style)
+    assert np.array_equal(image, again_image) and np.array_equal(mask, again_mask)
+    assert not np.array_equal(image, data.render_shapes(4, 64, style=style)[0])
+    limits = data.SYNTHETIC[f"synthetic-{style}"]
+    scenes = data.load_split(f"synthetic-{style}", "val", 32, 24, cache_dir=str(tmp_path))
+    for mask in scenes.masks:   # ids contiguous 1..n, each object at least a few pixels
+        ids = np.unique(mask)
+        assert list(ids) == list(range(len(ids))) and limits["min_objects"] <= len(ids) - 1 <= limits["max_objects"]
+        assert np.bincount(mask.ravel())[1:].min() >= 6
+
+
+@pytest.mark.parametrize("style", ["dsprites", "occluded"])
+def test_flat_2d_shape_masks_are_exactly_the_regions_painted(style):
+    """Flat colours plus pixel noise: every pixel is nearest to the mean colour of its own mask region, so the mask
+    and the picture agree pixel for pixel (occluded parts included)."""
+    for seed in range(12):
+        image, mask = data.render_shapes(seed, 64, style=style)
+        ids = np.unique(mask)
+        means = np.stack([image[mask == k].mean(0) for k in ids])
+        nearest = ids[np.linalg.norm(image[:, :, None].astype(float) - means, axis=-1).argmin(-1)]
+        assert np.array_equal(nearest, mask), seed
