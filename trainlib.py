@@ -759,15 +759,20 @@ def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler, model
     if scaler.is_enabled():   # fp16: the scaler skips a step with inf gradients itself and lowers its scale
         scaler.step(opt)
         scaler.update()
-        return None if loss_ok else f"the loss was {loss.item()}"
+        return None if loss_ok else non_finite_loss(loss)
     if loss_ok and grads_ok:
         opt.step()
         return None
     if not loss_ok:
-        return f"the loss was {loss.item()}"
+        return non_finite_loss(loss)
     bad = [name for name, p in named if not torch.isfinite(p.grad).all()]
     return (f"the gradients of {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} ({len(bad)} of {len(named)} "
             f"tensors) were not finite")
+
+
+def non_finite_loss(loss: torch.Tensor) -> str:
+    """What optimizer_step says of a loss that was not finite here or, under DDP, on another rank."""
+    return f"the loss was {loss.item()}" if not torch.isfinite(loss).all() else "another rank's loss was not finite"
 
 
 def restore(state: dict, path: str | Path, master: bool = True, **parts) -> int:
@@ -938,6 +943,19 @@ def record_compile_time(title: str, seconds: float) -> None:
                                                                            title: round(seconds, 1)}))
 
 
+def decline_note(records: list[dict], key: str = "fg_ari", margin: float = 0.03) -> str | None:
+    """One line when a run's last periodic score is more than `margin` below its peak (more training made the
+    segmentation worse, which the final loss does not show), naming the peak's step; None otherwise."""
+    points = [(r["step"], r[key]) for r in records if key in r]
+    if len(points) < 2:
+        return None
+    (peak_step, peak), (_, final) = max(points, key=lambda point: point[1]), points[-1]
+    if final >= peak - margin:
+        return None
+    return (f"note: val {SCORE_NAMES.get(key, key)} (periodic eval subset) ended at {final:.3f}, {peak - final:.3f} "
+            f"below its peak of {peak:.3f} at step {peak_step}; the checkpoint holds the last step")
+
+
 MAX_BAD_STEPS = 3   # non-finite steps in a row (none of them applied) that stop a run
 
 
@@ -1061,6 +1079,8 @@ class TrainLoop:
             self.log.log(step=done, epoch=epoch, **scores)
             self.bar.write(f"step {done}: " + "  ".join(f"{SCORE_NAMES.get(k, k)} {v:.4f}" for k, v in scores.items()))
             plot_loss_curves(self.log.records(), self.out / "loss_curves.png", title=self.title)
+            if last and (note := decline_note(self.log.records())):
+                self.bar.write(note)
         if self.master and (done % cfg.ckpt_every == 0 or last or signum):
             self.save({**state(), "finished": last}, done)   # finished: by --steps or --max-minutes
         if out_of_time and self.master:

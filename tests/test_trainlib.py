@@ -241,3 +241,13 @@ def test_fused_adam_takes_the_steps_of_torchs_reference_adam_and_resumes_from_it
         trainlib.optimizer_step(((net(x) - y) ** 2).mean(), opt, scaler, net, grad_clip=0.5)
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_end_of_a_run_says_when_its_segmentation_fell_well_below_its_peak():
+    rising = [{"step": 100, "fg_ari": 0.5}, {"step": 150, "train_loss": 0.1}, {"step": 200, "fg_ari": 0.8}]
+    assert trainlib.decline_note(rising) is None
+    assert trainlib.decline_note(rising + [{"step": 300, "fg_ari": 0.78}]) is None   # within 0.03 of the peak
+    note = trainlib.decline_note(rising + [{"step": 300, "fg_ari": 0.7}])
+    assert note == ("note: val FG-ARI (periodic eval subset) ended at 0.700, 0.100 below its peak of 0.800 at step "
+                    "200; the checkpoint holds the last step")
+    assert trainlib.decline_note([{"step": 1, "train_loss": 0.1}]) is None   # no masks, no scores
