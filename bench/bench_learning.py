@@ -296,7 +296,7 @@ def print_table(runs: list[Run]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="synthetic-clevr", help="synthetic-clevr, synthetic-clevrtex or a folder")
+    p.add_argument("--data", default="synthetic-clevr", help="a name of the embedded generator (data.SYNTHETIC) or a folder")
     p.add_argument("--preset", default="cpu", choices=sorted(sa.PRESETS))
     p.add_argument("--variants", nargs="+", default=["cpu"], help="names from VARIANTS or 'name: key=value ...'")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="each variant is trained once per seed")
