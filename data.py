@@ -327,6 +327,12 @@ def _background(rng: np.random.Generator, grid: _Grid, objects: list[_Object], r
     return albedo, shade
 
 
+def _check_object_counts(min_objects: int, max_objects: int) -> None:
+    if not 1 <= min_objects <= max_objects <= 255:
+        raise InputError(f"need 1 <= min_objects <= max_objects <= 255, got {min_objects}, {max_objects}; "
+                         f"fix the object-count settings")
+
+
 def render_scene(seed: int, resolution: int = 128, min_objects: int = 3, max_objects: int = 10,
                  style: str = "clevrtex", return_albedo: bool = False):
     """One random scene -> image (H,W,3) uint8, mask (H,W) uint8 (0 = background, ids 1..n far-to-near).
@@ -335,9 +341,7 @@ def render_scene(seed: int, resolution: int = 128, min_objects: int = 3, max_obj
     With return_albedo=True also returns a dict for verifying the mask: "albedo" (H,W,3) base colour before shading
     and noise, "colors" (n,2,3) each object's two texture colours, "silhouettes" (n,H,W) where each object would be
     drawn if it were alone (id order)."""
-    if not 1 <= min_objects <= max_objects <= 255:
-        raise InputError(f"need 1 <= min_objects <= max_objects <= 255, got {min_objects}, {max_objects}; "
-                         f"fix the object-count settings")
+    _check_object_counts(min_objects, max_objects)
     if style not in STYLES:
         raise InputError(f"unknown scene style {style!r}; choose one of {', '.join(STYLES)}")
     rng = np.random.default_rng(seed)
@@ -438,9 +442,7 @@ def render_shapes(seed: int, resolution: int = 64, min_objects: int = 2, max_obj
                   style: str = "dsprites") -> tuple[np.ndarray, np.ndarray]:
     """One random 2-D scene -> image (H,W,3) uint8, mask (H,W) uint8 (0 = background, ids 1..n bottom to top).
     Shapes hidden below a few pixels are dropped and others placed until the scene has its count (within 4 rounds)."""
-    if not 1 <= min_objects <= max_objects <= 255:
-        raise InputError(f"need 1 <= min_objects <= max_objects <= 255, got {min_objects}, {max_objects}; "
-                         f"fix the object-count settings")
+    _check_object_counts(min_objects, max_objects)
     if style not in SHAPE_STYLES:
         raise InputError(f"unknown shape style {style!r}; choose one of {', '.join(SHAPE_STYLES)}")
     rng = np.random.default_rng(seed)

@@ -1,5 +1,21 @@
 """Helpers more than one test module needs."""
+from dataclasses import asdict
+
 import torch
+
+import trainlib
+import vae
+
+# a SlotDiffusion small enough to train in seconds, on a 16 px synthetic-clevr split (slotdiff.py's flags)
+SD_TINY = ["--resolution", "16", "--num-train", "8", "--num-val", "4", "--slots", "2", "--slot-dim", "8",
+           "--enc-channels", "8", "--base-channels", "16", "--channel-mult", "1,2", "--num-res-blocks", "1",
+           "--head-dim", "8", "--batch-size", "2", "--device", "cpu"]
+
+
+def save_tiny_vae(path) -> None:
+    """A VQ-VAE checkpoint with random weights, as vae.py writes it, small enough for SD_TINY (4x down)."""
+    cfg = trainlib.make_config(vae.TrainConfig, dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, n_embed=16))
+    torch.save(dict(kind="vae", model=vae.VQVAE(cfg.model).state_dict(), config=asdict(cfg)), path)
 
 
 def randomise_zero_inits(module: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> None:

@@ -18,6 +18,7 @@ import slotdiff
 import trainlib
 import vae
 from errors import InputError
+from helpers import SD_TINY, save_tiny_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 SA_TINY = ["--resolution", "16", "--broadcast-size", "8", "--slots", "3", "--slot-dim", "8", "--slot-mlp-hidden", "8",
@@ -214,12 +215,9 @@ def test_a_full_disk_while_caching_data_leaves_no_half_cache(tmp_path, monkeypat
 
 def test_slotdiff_checkpoint_finds_its_vae_from_another_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    vae_cfg = trainlib.make_config(vae.TrainConfig, dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, n_embed=16))
-    torch.save(dict(kind="vae", model=vae.VQVAE(vae_cfg.model).state_dict(), config=asdict(vae_cfg)), "my_vae.pt")
-    slotdiff.main(["--resolution", "16", "--num-train", "8", "--num-val", "4", "--slots", "2", "--slot-dim", "8",
-                   "--enc-channels", "8", "--base-channels", "16", "--channel-mult", "1,2", "--num-res-blocks", "1",
-                   "--head-dim", "8", "--batch-size", "2", "--steps", "1", "--compile", "0", "--device", "cpu",
-                   "--vae", "my_vae.pt", "--out", "run", "--no-eval"])   # a relative --vae path
+    save_tiny_vae("my_vae.pt")
+    slotdiff.main([*SD_TINY, "--steps", "1", "--compile", "0", "--vae", "my_vae.pt", "--out", "run",
+                   "--no-eval"])   # a relative --vae path
     stored = trainlib.load_checkpoint(tmp_path / "run" / "ckpt.pt")["config"]["vae"]
     assert Path(stored).is_absolute() and Path(stored) == tmp_path / "my_vae.pt"
     elsewhere = tmp_path / "elsewhere"

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ import sa
 import slotdiff
 import trainlib
 import vae
+from helpers import SD_TINY, save_tiny_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 SA_SMALL = ["--resolution", "16", "--broadcast-size", "8", "--slots", "3", "--slot-dim", "8", "--slot-mlp-hidden", "8",
@@ -179,12 +179,9 @@ def test_slotdiffs_paper_path_compiled_with_amp_trains_finite(tmp_path, monkeypa
     eager and gives finite losses (the sampling UNet's check is the fake-compiler test above: compiling it for real
     too would cost CI another minute)."""
     monkeypatch.chdir(tmp_path)
-    vae_cfg = trainlib.make_config(vae.TrainConfig, dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, n_embed=16))
-    torch.save(dict(kind="vae", model=vae.VQVAE(vae_cfg.model).state_dict(), config=asdict(vae_cfg)), "v.pt")
-    slotdiff.main(["--resolution", "16", "--num-train", "8", "--num-val", "4", "--slots", "2", "--slot-dim", "8",
-                   "--enc-channels", "8", "--base-channels", "16", "--channel-mult", "1,2", "--num-res-blocks", "1",
-                   "--head-dim", "8", "--batch-size", "2", "--log-every", "1", "--compile", "1", "--amp", "1",
-                   "--device", "cpu", "--vae", "v.pt", "--steps", "3", "--out", "run", "--no-eval"])
+    save_tiny_vae("v.pt")
+    slotdiff.main([*SD_TINY, "--log-every", "1", "--compile", "1", "--amp", "1", "--vae", "v.pt", "--steps", "3",
+                   "--out", "run", "--no-eval"])
     said = capsys.readouterr().out
     assert "compiling the training step" in said and "disagreed" not in said
     assert records(tmp_path / "run")[0]["compile_check"] == "passed"
