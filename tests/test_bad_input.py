@@ -77,7 +77,7 @@ def one_line_error(main, argv: list[str], needle: str) -> str:
     (["--max-minutes", "-5"], "--max-minutes -5.0"),
     (["--slot-grad", "backwards"], "--slot-grad 'backwards': choose one of full, implicit, bo-qsa"),
     (["--enc-stride", "3"], "--enc-stride 3"),
-    (["--data", "synthetic"], "synthetic-clevr or synthetic-clevrtex"),
+    (["--data", "synthetic"], "synthetic-clevr, synthetic-clevrtex, synthetic-dsprites"),
 ])
 def test_sa_settings(argv, needle, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
