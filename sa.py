@@ -57,6 +57,8 @@ class DecoderConfig:
     broadcast_size: int = 8        # the decoder upsamples this grid to the resolution by stride-2 steps
     full_res_kernel: int = 5       # kernel of the stride-1 conv at full resolution (paper: 5); at 5 it is half
                                    # of the cpu preset's FLOPs a step, 3 cuts the step's FLOPs by a third
+    full_res_layers: int = 1       # stride-1 convs at full resolution before the RGB + mask layer; with
+                                   # --broadcast-size = --resolution and 3 of them this is Watters et al.'s decoder
 
 
 @dataclass
@@ -127,7 +129,7 @@ def validate(cfg: SAConfig) -> None:
     """Every setting checked before any work, each problem as one line naming the flag."""
     check_source(cfg.data)
     validate_encoder(cfg.encoder)
-    trainlib.check_ranges(cfg, positive=("dec_channels", "broadcast_size", "batch_size", "lr", "decay_every",
+    trainlib.check_ranges(cfg, positive=("dec_channels", "broadcast_size", "full_res_layers", "batch_size", "lr", "decay_every",
                                          "decay_rate", "steps", "log_every", "eval_every", "eval_images",
                                          "ckpt_every", "num_train", "num_gen"),
                           non_negative=("warmup", "grad_clip", "seed", "max_minutes"),
@@ -295,8 +297,10 @@ class SpatialBroadcastDecoder(nn.Module):
             layers += [nn.ConvTranspose2d(channels, c, 5, stride=2, padding=2, output_padding=1), nn.ReLU()]
             channels = c
         k = cfg.full_res_kernel
-        layers += [nn.ConvTranspose2d(channels, c, k, padding=k // 2), nn.ReLU(),
-                   nn.ConvTranspose2d(c, 4, 3, padding=1)]
+        for _ in range(cfg.full_res_layers):
+            layers += [nn.ConvTranspose2d(channels, c, k, padding=k // 2), nn.ReLU()]
+            channels = c
+        layers += [nn.ConvTranspose2d(channels, 4, 3, padding=1)]
         self.cnn = nn.Sequential(*layers)
 
     def forward(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
