@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import cli
 import metrics
 import trainlib
 from data import Scenes, check_source, colorize_masks, get_batch, iterate_batches, load_split, save_grid, to_uint8
@@ -117,10 +118,10 @@ PRESETS = {
 
 def validate_encoder(cfg: EncoderConfig) -> None:
     """Catch impossible encoder settings here, with the fix, instead of as a shape error deep inside torch."""
-    trainlib.check_ranges(cfg, positive=("resolution", "iters", "slot_dim", "slot_mlp_hidden", "enc_channels"),
-                          non_negative=("slots",),
-                          choices=dict(slot_init=("gaussian", "learned"), slot_grad=SLOT_GRADS,
-                                       weight_init=("torch", "xavier"), enc_stride=(1, 2)))
+    cli.check_ranges(cfg, positive=("resolution", "iters", "slot_dim", "slot_mlp_hidden", "enc_channels"),
+                     non_negative=("slots",),
+                     choices=dict(slot_init=("gaussian", "learned"), slot_grad=SLOT_GRADS,
+                                  weight_init=("torch", "xavier"), enc_stride=(1, 2)))
     if cfg.resolution % cfg.enc_stride:
         raise InputError(f"--enc-stride {cfg.enc_stride} needs an even --resolution, got {cfg.resolution}")
 
@@ -129,12 +130,12 @@ def validate(cfg: SAConfig) -> None:
     """Every setting checked before any work, each problem as one line naming the flag."""
     check_source(cfg.data)
     validate_encoder(cfg.encoder)
-    trainlib.check_ranges(cfg, positive=("dec_channels", "broadcast_size", "full_res_layers", "batch_size", "lr", "decay_every",
-                                         "decay_rate", "steps", "log_every", "eval_every", "eval_images",
-                                         "ckpt_every", "num_train", "num_gen"),
-                          non_negative=("warmup", "grad_clip", "seed", "max_minutes"),
-                          choices=dict(comp_sample=("member", "gaussian"), full_res_kernel=(1, 3, 5, 7)),
-                          shares=("cooldown",))
+    cli.check_ranges(cfg, positive=("dec_channels", "broadcast_size", "full_res_layers", "batch_size", "lr",
+                                    "decay_every", "decay_rate", "steps", "log_every", "eval_every", "eval_images",
+                                    "ckpt_every", "num_train", "num_gen"),
+                     non_negative=("warmup", "grad_clip", "seed", "max_minutes"),
+                     choices=dict(comp_sample=("member", "gaussian"), full_res_kernel=(1, 3, 5, 7)),
+                     shares=("cooldown",))
     resolution, broadcast = cfg.encoder.resolution, cfg.decoder.broadcast_size
     ratio = resolution / broadcast
     if ratio < 1 or ratio != 2 ** round(math.log2(ratio)):
@@ -417,7 +418,7 @@ def train(cfg: SAConfig, resume: str | None = None, overwrite: bool = False) -> 
     if resume:
         state = trainlib.load_checkpoint(resume, map_location=device, kind="sa")
         for part in ("encoder", "decoder"):
-            trainlib.check_unchanged(getattr(cfg, part), state["config"][part], "the model", resume)
+            cli.check_unchanged(getattr(cfg, part), state["config"][part], "the model", resume)
         start = trainlib.restore(state, resume, master, model=model, optimizer=opt, scaler=scaler)
     loop = trainlib.TrainLoop(cfg, start, Path(cfg.out), script="sa.py", title="Slot Attention + SBD",
                               resumed=bool(resume), master=master, world_size=ddp.world_size, device=device,
@@ -538,9 +539,9 @@ def load(ckpt: str | Path, cfg: SAConfig | None = None, device: torch.device | s
     """A sa.py checkpoint: its config (or cfg: the checkpoint's with flags applied, which may change evaluation
     settings but not the model's), the model in eval mode on `device`, and the checkpoint's dict."""
     state = trainlib.load_checkpoint(ckpt, map_location=device, kind="sa")
-    cfg = cfg or trainlib.config_from_checkpoint(SAConfig, state["config"], ckpt)
-    trainlib.check_unchanged(cfg.encoder, state["config"]["encoder"], "the model", ckpt)
-    trainlib.check_unchanged(cfg.decoder, state["config"]["decoder"], "the model", ckpt)
+    cfg = cfg or cli.config_from_checkpoint(SAConfig, state["config"], ckpt)
+    cli.check_unchanged(cfg.encoder, state["config"]["encoder"], "the model", ckpt)
+    cli.check_unchanged(cfg.decoder, state["config"]["decoder"], "the model", ckpt)
     model = SlotAutoencoder(cfg).to(device)
     trainlib.load_weights(model, state["model"], ckpt)
     return cfg, model.eval(), state
@@ -591,8 +592,8 @@ def evaluate(ckpt: str | Path, cfg: SAConfig | None = None, out: str | Path | No
 # command line: every config field is a flag (--slot-init learned, --compile 0, ...); presets are override dicts
 
 def main(argv: list[str] | None = None) -> None:
-    trainlib.run_command_line(argv, SAConfig, PRESETS, __doc__, "sa", validate, train, evaluate,
-                              eval_needs=metrics.require_fid)
+    cli.run_command_line(argv, SAConfig, PRESETS, __doc__, "sa", validate, train, evaluate,
+                         eval_needs=metrics.require_fid)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import cli
 import metrics
 import sa
 import trainlib
@@ -151,14 +152,14 @@ def validate(cfg: SDConfig) -> None:
     """Every setting checked before any work (the VAE included), each problem as one line naming the flag."""
     check_source(cfg.data)
     validate_encoder(cfg.encoder)
-    trainlib.check_ranges(cfg, positive=("base_channels", "num_res_blocks", "head_dim", "timesteps", "beta_start",
-                                         "beta_end", "sample_steps", "sample_batch", "batch_size", "lr", "unet_lr",
-                                         "steps", "log_every", "eval_every", "eval_images", "ckpt_every", "num_recon",
-                                         "num_train", "num_gen"),
-                          non_negative=("dropout", "warmup", "grad_clip", "ema_decay", "seed", "max_minutes",
-                                        "encoder_steps", "encoder_delay", "latent_scale"),
-                          choices=dict(comp_sample=("member", "gaussian"),
-                                       beta_schedule=("linear", "scaled_linear")), shares=("cooldown",))
+    cli.check_ranges(cfg, positive=("base_channels", "num_res_blocks", "head_dim", "timesteps", "beta_start",
+                                    "beta_end", "sample_steps", "sample_batch", "batch_size", "lr", "unet_lr",
+                                    "steps", "log_every", "eval_every", "eval_images", "ckpt_every", "num_recon",
+                                    "num_train", "num_gen"),
+                     non_negative=("dropout", "warmup", "grad_clip", "ema_decay", "seed", "max_minutes",
+                                   "encoder_steps", "encoder_delay", "latent_scale"),
+                     choices=dict(comp_sample=("member", "gaussian"),
+                                  beta_schedule=("linear", "scaled_linear")), shares=("cooldown",))
     if cfg.num_val is not None and cfg.num_val < 2:
         raise InputError(f"--num-val {cfg.num_val}: FID needs at least 2 val images (default: the whole split)")
     if cfg.encoder_delay and not cfg.encoder_delay < (cfg.encoder_steps or cfg.steps):
@@ -501,7 +502,7 @@ def ensure_vae(cfg: SDConfig, train_set: Scenes, cache_dir: str = ".cache") -> s
     resolution = cfg.encoder.resolution
     preset = "cpu" if resolution <= 64 else "paper"
     scenes = f"-n{cfg.num_train}" if cfg.num_train else ""
-    vae_cfg = trainlib.make_config(vae.TrainConfig, vae.PRESETS[preset], dict(
+    vae_cfg = cli.make_config(vae.TrainConfig, vae.PRESETS[preset], dict(
         data=cfg.data, resolution=resolution, num_train=cfg.num_train, device=cfg.device))
     settings = hashlib.sha256((repr(replace(vae_cfg, device="", out="")) + train_set.content_hash).encode()
                               ).hexdigest()[:8]
@@ -659,7 +660,7 @@ def trained_encoder(path: str, cfg: EncoderConfig) -> dict[str, torch.Tensor]:
     settings as this run, so that a warm start never silently reshapes or reinterprets weights."""
     state = trainlib.load_checkpoint(path, kind="sa")
     trained, ours = state["config"]["encoder"], asdict(cfg)
-    differing = [f"{trainlib.flag(key)} {ours[key]} here, {trained[key]} there" for key in ours
+    differing = [f"{cli.flag(key)} {ours[key]} here, {trained[key]} there" for key in ours
                  if key in trained and trained[key] != ours[key]]
     if differing:
         raise InputError(f"--encoder-from {path}: its slot encoder was trained with other settings "
@@ -697,7 +698,7 @@ def train(cfg: SDConfig, resume: str | None = None, overwrite: bool = False) -> 
     if resume:
         state = trainlib.load_checkpoint(resume, map_location=device, kind="slotdiff")
         for part in ("encoder", "unet", "diffusion"):
-            trainlib.check_unchanged(getattr(cfg, part), state["config"][part], "the model", resume)
+            cli.check_unchanged(getattr(cfg, part), state["config"][part], "the model", resume)
         if state["vae_hash"] != vae_hash:
             raise InputError(f"{resume} was trained on the latents of another VAE than {cfg.vae}; "
                              f"pass --vae with the VAE it was trained with")
@@ -826,9 +827,9 @@ def load(ckpt: str | Path, cfg: SDConfig | None = None, device: torch.device | s
     evaluation settings but not the model's), the model (its EMA weights when it kept them) and its frozen VQ-VAE
     (checked by content hash) in eval mode on `device`, and the checkpoint's dict."""
     state = trainlib.load_checkpoint(ckpt, map_location=device, kind="slotdiff")
-    cfg = cfg or trainlib.config_from_checkpoint(SDConfig, state["config"], ckpt)
+    cfg = cfg or cli.config_from_checkpoint(SDConfig, state["config"], ckpt)
     for part in ("encoder", "unet", "diffusion"):
-        trainlib.check_unchanged(getattr(cfg, part), state["config"][part], "the model", ckpt)
+        cli.check_unchanged(getattr(cfg, part), state["config"][part], "the model", ckpt)
     vqvae, vae_hash = load_frozen_vae(cfg, device)
     if state["vae_hash"] != vae_hash:
         raise InputError(f"{ckpt} was trained on the latents of another VAE than {cfg.vae}; pass --vae with the "
@@ -892,8 +893,8 @@ def evaluate(ckpt: str | Path, cfg: SDConfig | None = None, out: str | Path | No
 # are override dicts
 
 def main(argv: list[str] | None = None) -> None:
-    trainlib.run_command_line(argv, SDConfig, PRESETS, __doc__, "slotdiff", validate, train, evaluate,
-                              eval_needs=metrics.require_fid)
+    cli.run_command_line(argv, SDConfig, PRESETS, __doc__, "slotdiff", validate, train, evaluate,
+                         eval_needs=metrics.require_fid)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import cli
 import data
 import trainlib
 from errors import InputError
@@ -295,7 +296,7 @@ def load_vae(path: str | Path, map_location="cpu") -> VQVAE:
                          f"vae_checkpoint.pth or a checkpoint written by `python vae.py`")
     if "kind" in ckpt:   # one of this project's checkpoints: it must be a VAE's
         trainlib.check_kind(ckpt, "vae", path)
-        cfg = trainlib.config_from_checkpoint(TrainConfig, ckpt["config"], path).model
+        cfg = cli.config_from_checkpoint(TrainConfig, ckpt["config"], path).model
         state = ckpt["model"]
     else:
         cfg, state = VAEConfig(), ckpt
@@ -366,10 +367,10 @@ PRESETS = {
 def validate(cfg: TrainConfig) -> None:
     """Every setting checked before any work, each problem as one line naming the flag."""
     data.check_source(cfg.data)
-    trainlib.check_ranges(cfg, positive=("resolution", "num_train", "num_val", "ch", "num_res_blocks", "in_channels",
-                                         "z_channels", "embed_dim", "n_embed", "batch_size", "lr", "steps",
-                                         "log_every", "eval_every", "ckpt_every"),
-                          non_negative=("beta", "warmup", "restart_every", "seed", "max_minutes"))
+    cli.check_ranges(cfg, positive=("resolution", "num_train", "num_val", "ch", "num_res_blocks", "in_channels",
+                                    "z_channels", "embed_dim", "n_embed", "batch_size", "lr", "steps",
+                                    "log_every", "eval_every", "ckpt_every"),
+                     non_negative=("beta", "warmup", "restart_every", "seed", "max_minutes"))
     if cfg.model.ch % 32:
         raise InputError(f"--ch {cfg.model.ch} is not a multiple of 32 (GroupNorm uses 32 groups); use 32 or 64")
     if not cfg.model.ch_mult or min(cfg.model.ch_mult) < 1:
@@ -460,7 +461,7 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) 
     start = 0
     if resume:
         state = trainlib.load_checkpoint(resume, map_location=device, kind="vae")
-        trainlib.check_unchanged(cfg.model, state["config"]["model"], "the model", resume)
+        cli.check_unchanged(cfg.model, state["config"]["model"], "the model", resume)
         start = trainlib.restore(state, resume, model=model, optimizer=optimizer)
         code_counts = state["code_counts"].to(device)
     print(f"VQ-VAE {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {cfg.model}, "
@@ -493,7 +494,7 @@ def evaluate_checkpoint(ckpt: str | Path, cfg: TrainConfig | None = None, out: s
     """PSNR and codebook usage on the val split; writes val_metrics.json and reconstructions.png to `out`
     (default: beside the checkpoint)."""
     state = trainlib.load_checkpoint(ckpt, kind="vae")
-    cfg = cfg or trainlib.config_from_checkpoint(TrainConfig, state["config"], ckpt)
+    cfg = cfg or cli.config_from_checkpoint(TrainConfig, state["config"], ckpt)
     device = trainlib.pick_device(cfg.device)
     model = load_vae(ckpt).to(device)
     val_scenes = data.load_split(cfg.data, "val", cfg.resolution, limit=cfg.num_val)
@@ -510,7 +511,7 @@ def evaluate_checkpoint(ckpt: str | Path, cfg: TrainConfig | None = None, out: s
 
 def main(argv: list[str] | None = None) -> None:
     torch.set_float32_matmul_precision("high")
-    trainlib.run_command_line(argv, TrainConfig, PRESETS, __doc__, "vae", validate, train, evaluate_checkpoint)
+    cli.run_command_line(argv, TrainConfig, PRESETS, __doc__, "vae", validate, train, evaluate_checkpoint)
 
 
 if __name__ == "__main__":

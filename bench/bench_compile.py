@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 import sa  # noqa: E402
 import slotdiff  # noqa: E402
 import trainlib  # noqa: E402
@@ -26,7 +27,7 @@ import trainlib  # noqa: E402
 def model_and_loss(name: str, preset: str, resolution: int | None, device: torch.device):
     """The preset's model with random weights (7 slots, synthetic-clevr's K) and loss_of(view) on one random batch."""
     module, config = (sa, sa.SAConfig) if name == "sa" else (slotdiff, slotdiff.SDConfig)
-    cfg = trainlib.make_config(config, module.PRESETS[preset])
+    cfg = cli.make_config(config, module.PRESETS[preset])
     cfg = replace(cfg, encoder=replace(cfg.encoder, slots=7, resolution=resolution or cfg.encoder.resolution))
     res = cfg.encoder.resolution
     images = torch.rand(cfg.batch_size, 3, res, res, device=device)

@@ -9,15 +9,15 @@ import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core: numpy must not spread work over threads
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import data  # noqa: E402
+import scenegen  # noqa: E402
 
 
 def images_per_second(resolution: int, n: int) -> tuple[float, float]:
     """-> (per second of this process's CPU time, per wall-clock second); they differ when the machine is busy."""
-    data.render_scene(0, resolution)  # builds the per-resolution camera grid outside the timing
+    scenegen.render_scene(0, resolution)  # builds the per-resolution camera grid outside the timing
     wall, cpu = time.perf_counter(), time.process_time()
     for seed in range(1, n + 1):
-        data.render_scene(seed, resolution)
+        scenegen.render_scene(seed, resolution)
     return n / (time.process_time() - cpu), n / (time.perf_counter() - wall)
 
 

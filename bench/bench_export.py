@@ -26,6 +26,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 import export  # noqa: E402
 import sa  # noqa: E402
 import slotdiff  # noqa: E402
@@ -105,7 +106,7 @@ def bench_ddpm(args, device: torch.device, scratch: Path) -> None:
         cfg, model, vqvae, _ = slotdiff.load(args.ckpt, device=device)
         latent_size, slots_per_scene = cfg.encoder.resolution // vqvae.cfg.downsample, cfg.encoder.slots
     else:
-        cfg = trainlib.make_config(slotdiff.SDConfig, slotdiff.PRESETS["cpu"])
+        cfg = cli.make_config(slotdiff.SDConfig, slotdiff.PRESETS["cpu"])
         torch.manual_seed(0)
         model = slotdiff.SlotDiffusion(cfg).to(device).eval()
         model.unet.out[-1].reset_parameters()   # zero-initialised: every backend would return the same noise
@@ -167,7 +168,7 @@ def bench_ddpm(args, device: torch.device, scratch: Path) -> None:
 
 
 def bench_decoder(args, device: torch.device, scratch: Path) -> None:
-    cfg = trainlib.make_config(sa.SAConfig, sa.PRESETS["cpu"])
+    cfg = cli.make_config(sa.SAConfig, sa.PRESETS["cpu"])
     slots_per_scene = cfg.encoder.slots or 7   # --slots 0 = from the data: 7 on synthetic-clevr
     torch.manual_seed(0)
     decoder = sa.SpatialBroadcastDecoder(cfg.decoder, cfg.encoder.slot_dim, cfg.encoder.resolution).eval()

@@ -4,10 +4,13 @@ Attention (sa.py, masks from the decoder) and SlotDiffusion (slotdiff.py, masks 
     .venv/bin/python bench/bench_learning.py --data synthetic-clevr --minutes 20 --variants cpu gaussian-init implicit
     .venv/bin/python bench/bench_learning.py --variants cpu slotdiff slotdiff-warm5 --minutes 15
     .venv/bin/python bench/bench_learning.py --variants cpu "lr2e-3: lr=2e-3 warmup=200" --seeds 0 1
+    .venv/bin/python bench/bench_learning.py --data suite --variants cpu sbd --minutes 20   # every embedded family
 
 A variant is a named set of config overrides on top of `--preset` (VARIANTS below, or "name: key=value ..." with
-the script's flag names). `model=slotdiff` makes it a SlotDiffusion run; `warm_minutes=M` trains sa.py for its
-first M minutes and then continues as SlotDiffusion whose slot encoder starts from that one (slotdiff.py
+the script's flag names). `--data` takes several datasets, or `suite` for every embedded family
+(data.SYNTHETIC): each variant trains on each, and a summary table gives each family's final and peak FG-ARI and
+the worst family's, the score a preset is chosen on. `model=slotdiff` makes it a SlotDiffusion run;
+`warm_minutes=M` trains sa.py for its first M minutes and then continues as SlotDiffusion whose slot encoder starts from that one (slotdiff.py
 --encoder-from, at equal total minutes). Variants train in turn, `--slice` seconds each (round robin), so a
 machine that slows down slows every variant alike; a variant's minutes count only its own training steps
 (compilation included; evaluation and SlotDiffusion's one-off VQ-VAE training excluded). Every `--eval-minutes`
@@ -27,10 +30,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 import sa  # noqa: E402
 import slotdiff  # noqa: E402
 import trainlib  # noqa: E402
-from data import get_batch, load_split  # noqa: E402
+from data import SYNTHETIC, get_batch, load_split  # noqa: E402
 from errors import InputError  # noqa: E402
 
 # Ablations of the cpu preset (BO-QSA learned queries, 32x32, batch 8): each changes one choice; then SlotDiffusion
@@ -52,7 +56,8 @@ MARKS = (5, 10, 20)  # minutes reported in the table
 
 @dataclass
 class Run:
-    name: str
+    name: str                   # the variant, and its dataset when the run covers several
+    variant: str
     cfg: sa.SAConfig | slotdiff.SDConfig   # the model being trained now
     model: torch.nn.Module
     step_model: torch.nn.Module
@@ -103,12 +108,12 @@ def parse_variant(text: str) -> tuple[str, dict, dict | list]:
 def settings_for(cls, items: list[str]) -> list[str]:
     """The --set items that apply to cls: all but those naming a setting of the other script only (so one --set
     can shrink both models; a name neither script knows is still an error)."""
-    ours = trainlib.leaf_types(cls)
-    known = set(trainlib.leaf_types(sa.SAConfig)) | set(trainlib.leaf_types(slotdiff.SDConfig))
-    return [item for item in items if trainlib.setting_name(item) in ours or trainlib.setting_name(item) not in known]
+    ours = cli.leaf_types(cls)
+    known = set(cli.leaf_types(sa.SAConfig)) | set(cli.leaf_types(slotdiff.SDConfig))
+    return [item for item in items if cli.setting_name(item) in ours or cli.setting_name(item) not in known]
 
 
-def variant_configs(name: str, options: dict, overrides: dict | list, args, seed: int
+def variant_configs(name: str, options: dict, overrides: dict | list, args, data: str, seed: int
                     ) -> tuple[sa.SAConfig | slotdiff.SDConfig, slotdiff.SDConfig | None, float]:
     """(the config trained first, the SlotDiffusion config a warm start continues with or None, and the seconds
     after which it does)."""
@@ -122,12 +127,12 @@ def variant_configs(name: str, options: dict, overrides: dict | list, args, seed
         cls = module.SAConfig if module is sa else module.SDConfig
         try:
             parsed = (variant_overrides if isinstance(variant_overrides, dict)
-                      else trainlib.parse_overrides(cls, variant_overrides))
-            common = trainlib.parse_overrides(cls, settings_for(cls, args.set))
+                      else cli.parse_overrides(cls, variant_overrides))
+            common = cli.parse_overrides(cls, settings_for(cls, args.set))
         except InputError as e:
             raise InputError(f"variant {name!r}: {e}") from None
-        return trainlib.make_config(cls, module.PRESETS[args.preset], common, parsed,
-                                    dict(data=args.data, seed=seed, max_minutes=0.0))
+        return cli.make_config(cls, module.PRESETS[args.preset], common, parsed,
+                               dict(data=data, seed=seed, max_minutes=0.0))
 
     if model == "sa":
         return config(sa, overrides), None, 0.0
@@ -140,10 +145,21 @@ def variant_configs(name: str, options: dict, overrides: dict | list, args, seed
 
 
 def split_key(cfg) -> tuple:
-    return cfg.encoder.resolution, cfg.num_train, cfg.num_val
+    return cfg.data, cfg.encoder.resolution, cfg.num_train, cfg.num_val
 
 
-def make_run(name: str, cfg, device: torch.device, splits: dict, latents: dict,
+def datasets(names: list[str]) -> list[str]:
+    """--data's names with `suite` expanded to every embedded family, each once."""
+    expanded = [n for name in names for n in (SYNTHETIC if name == "suite" else [name])]
+    return list(dict.fromkeys(expanded))
+
+
+def run_label(variant: str, data: str, seed: int, several_datasets: bool) -> str:
+    label = f"{variant} on {Path(data).name}" if several_datasets else variant
+    return label if seed == 0 else f"{label} (seed {seed})"
+
+
+def make_run(name: str, variant: str, cfg, device: torch.device, splits: dict, latents: dict,
              encoder_weights: dict | None = None) -> Run:
     """A fresh model for cfg (sa.py's or slotdiff.py's); a SlotDiffusion's encoder may start from given weights."""
     torch.manual_seed(cfg.seed)
@@ -168,9 +184,8 @@ def make_run(name: str, cfg, device: torch.device, splits: dict, latents: dict,
             model.encoder.load_state_dict(encoder_weights)
         opt = slotdiff.make_optimizer(model, cfg)
     step_model = trainlib.training_view(model, device, cfg.amp, cfg.compile)
-    label = name if cfg.seed == 0 else f"{name} (seed {cfg.seed})"
     ema = slotdiff.make_ema(model, cfg) if isinstance(cfg, slotdiff.SDConfig) else None
-    return Run(label, cfg, model, step_model, opt, trainlib.make_grad_scaler(device, cfg.amp), run_latents, ema)
+    return Run(name, variant, cfg, model, step_model, opt, trainlib.make_grad_scaler(device, cfg.amp), run_latents, ema)
 
 
 def train_for(run: Run, seconds: float, budget: float, scenes, device: torch.device,
@@ -196,7 +211,8 @@ def train_for(run: Run, seconds: float, budget: float, scenes, device: torch.dev
 
 def continue_as_slotdiff(run: Run, device: torch.device, splits: dict, latents: dict) -> Run:
     """The end of a warm start's Slot Attention phase: a SlotDiffusion whose encoder is the trained one."""
-    new = make_run(run.name, run.then, device, splits, latents, encoder_weights=run.model.encoder.state_dict())
+    new = make_run(run.name, run.variant, run.then, device, splits, latents,
+                   encoder_weights=run.model.encoder.state_dict())
     return replace(new, earlier_steps=run.step, seconds=run.seconds, next_eval=run.next_eval, curve=run.curve)
 
 
@@ -242,45 +258,86 @@ def table_cell(curve: list[dict], minutes: float) -> str:
 
 
 def write_results(runs: list[Run], args, path: Path) -> None:
-    result = dict(command="python bench/bench_learning.py " + shlex.join(sys.argv[1:]), data=args.data,
+    result = dict(command="python bench/bench_learning.py " + shlex.join(sys.argv[1:]), data=datasets(args.data),
                   preset=args.preset, minutes=args.minutes, val_images=args.val_images, threads=torch.get_num_threads(),
                   date=time.strftime("%Y-%m-%d %H:%M"), machine=os.uname().machine,
-                  variants={r.name: dict(config=sa.asdict(r.cfg), steps=r.earlier_steps + r.step, seconds=r.seconds,
-                                        curve=r.curve) for r in runs})
+                  variants={r.name: dict(variant=r.variant, data=r.cfg.data, config=sa.asdict(r.cfg),
+                                        steps=r.earlier_steps + r.step, seconds=r.seconds, curve=r.curve)
+                            for r in runs},
+                  summary=suite_summary(runs))
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, path)
     plot(result, path.with_suffix(".png"))
 
 
+def suite_summary(runs: list[Run]) -> dict:
+    """Per variant (and seed): each dataset's final and peak FG-ARI so far, the worst dataset's final, and the
+    largest fall from a peak, the numbers a preset is chosen on."""
+    summary = {}
+    for r in runs:
+        if not r.curve:
+            continue
+        peak = max(r.curve, key=lambda p: p["fg_ari"])
+        entry = summary.setdefault(run_label(r.variant, r.cfg.data, r.cfg.seed, False), dict(datasets={}))
+        entry["datasets"][Path(r.cfg.data).name] = dict(final=r.curve[-1]["fg_ari"], minutes=r.curve[-1]["minutes"],
+                                                       peak=peak["fg_ari"], peak_minutes=peak["minutes"])
+    for entry in summary.values():
+        scores = entry["datasets"]
+        worst = min(scores, key=lambda d: scores[d]["final"])
+        entry.update(worst=worst, worst_final=scores[worst]["final"],
+                     largest_drop=max(d["peak"] - d["final"] for d in scores.values()))
+    return summary
+
+
 def plot(result: dict, png: Path) -> None:
-    """FG-ARI against minutes from a results dict (as written to the JSON): one colour per variant, circles for
-    Slot Attention's decoder masks, triangles for SlotDiffusion's attention maps."""
+    """FG-ARI against minutes from a results dict (as written to the JSON): one panel per dataset, one colour per
+    variant, circles for Slot Attention's decoder masks, triangles for SlotDiffusion's attention maps."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    panels = {}   # dataset -> [(name, variant)]
     for name, variant in result["variants"].items():
-        curve = variant["curve"]
-        if not curve:
-            continue
-        line, = ax.plot([p["minutes"] for p in curve], [p["fg_ari"] for p in curve], lw=1.2,
-                        label=f"{name} ({variant['steps']} steps)")
-        for model, marker in (("sa", "o"), ("slotdiff", "^")):
-            points = [p for p in curve if p.get("model", "sa") == model]
-            ax.plot([p["minutes"] for p in points], [p["fg_ari"] for p in points], ls="", marker=marker, ms=4,
-                    color=line.get_color())
-    ax.set_xlabel("minutes of training (2 threads)" if result["threads"] == 2 else "minutes of training")
-    ax.set_ylabel(f"val FG-ARI (first {result['val_images']} images)")
-    ax.set_title(f"Learning curves on {Path(result['data']).name}, preset {result['preset']}\n"
-                 f"o: Slot Attention, decoder masks;  ^: SlotDiffusion, attention maps", fontsize=10)
-    ax.set_ylim(min(0.0, *(p["fg_ari"] for v in result["variants"].values() for p in v["curve"])), 1.0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        panels.setdefault(variant.get("data", result["data"]), []).append((name, variant))
+    variant_names = dict.fromkeys(v.get("variant", n) for n, v in result["variants"].items())
+    colors = {name: f"C{i}" for i, name in enumerate(variant_names)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 + 3.3 * len(panels), 4.5), squeeze=False, sharey=True)
+    low = min([0.0] + [p["fg_ari"] for v in result["variants"].values() for p in v["curve"]])
+    for ax, (data, members) in zip(axes[0], panels.items()):
+        for name, variant in members:
+            curve, color = variant["curve"], colors[variant.get("variant", name)]
+            if not curve:
+                continue
+            label = variant.get("variant", name) if len(panels) > 1 else name
+            ax.plot([p["minutes"] for p in curve], [p["fg_ari"] for p in curve], lw=1.2, color=color,
+                    label=f"{label} ({variant['steps']} steps)")
+            for model, marker in (("sa", "o"), ("slotdiff", "^")):
+                points = [p for p in curve if p.get("model", "sa") == model]
+                ax.plot([p["minutes"] for p in points], [p["fg_ari"] for p in points], ls="", marker=marker, ms=4,
+                        color=color)
+        ax.set_title(Path(data).name, fontsize=10)
+        ax.set_xlabel("minutes of training (2 threads)" if result["threads"] == 2 else "minutes of training")
+        ax.set_ylim(low, 1.0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel(f"val FG-ARI (first {result['val_images']} images)")
+    fig.suptitle(f"Learning curves, preset {result['preset']}   (o: Slot Attention, decoder masks;  "
+                 f"^: SlotDiffusion, attention maps)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    fig.savefig(png, dpi=110)
     plt.close(fig)
+
+
+def print_summary(summary: dict) -> None:
+    """The worst-family table: one row per variant, each dataset's final FG-ARI with its peak in brackets."""
+    names = list(dict.fromkeys(d for entry in summary.values() for d in entry["datasets"]))
+    print("\n| variant | " + " | ".join(names) + " | worst (final) | largest fall from peak |")
+    print("|---|" + "---|" * len(names) + "---|---|")
+    for variant, entry in summary.items():
+        cells = [f"{s['final']:.3f} (peak {s['peak']:.3f})" if (s := entry["datasets"].get(d)) else "-" for d in names]
+        print(f"| {variant} | " + " | ".join(cells) + f" | {entry['worst_final']:.3f} {entry['worst']} | "
+              f"{entry['largest_drop']:.3f} |")
 
 
 def print_table(runs: list[Run]) -> None:
@@ -297,7 +354,8 @@ def print_table(runs: list[Run]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="synthetic-clevr", help="a name of the embedded generator (data.SYNTHETIC) or a folder")
+    p.add_argument("--data", nargs="+", default=["synthetic-clevr"],
+                   help="embedded generator names (data.SYNTHETIC), folders, or `suite` for every embedded family")
     p.add_argument("--preset", default="cpu", choices=sorted(sa.PRESETS))
     p.add_argument("--variants", nargs="+", default=["cpu"], help="names from VARIANTS or 'name: key=value ...'")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="each variant is trained once per seed")
@@ -314,27 +372,30 @@ def main() -> None:
             raise InputError("--minutes, --eval-minutes, --slice and --val-images must be positive")
         device = trainlib.pick_device(args.device)
         torch._dynamo.config.cache_size_limit = 64  # one compiled graph per variant in this process
-        configs = [(name, *variant_configs(name, options, overrides, args, seed))
-                   for text in args.variants for name, options, overrides in [parse_variant(text)]
+        names = datasets(args.data)
+        configs = [(run_label(name, data, seed, len(names) > 1), name,
+                    *variant_configs(name, options, overrides, args, data, seed))
+                   for data in names for text in args.variants for name, options, overrides in [parse_variant(text)]
                    for seed in args.seeds]
         splits, latents = {}, {}
-        for _, cfg, then, _ in configs:  # each resolution's splits once (same data for every variant)
+        for _, _, cfg, then, _ in configs:  # each dataset's splits once per resolution (the same for every variant)
             for checked in (cfg, then) if then else (cfg,):
                 (sa if isinstance(checked, sa.SAConfig) else slotdiff).validate(checked)
             key = split_key(cfg)
             if key not in splits:
-                splits[key] = (load_split(args.data, "train", cfg.encoder.resolution, cfg.num_train),
-                               load_split(args.data, "val", cfg.encoder.resolution, cfg.num_val))
+                splits[key] = (load_split(cfg.data, "train", cfg.encoder.resolution, cfg.num_train),
+                               load_split(cfg.data, "val", cfg.encoder.resolution, cfg.num_val))
         runs = []
-        for name, cfg, then, warm_seconds in configs:
-            run = make_run(name, cfg, device, splits, latents)
+        for label, name, cfg, then, warm_seconds in configs:
+            run = make_run(label, name, cfg, device, splits, latents)
             runs.append(replace(run, then=then, warm_seconds=warm_seconds, next_eval=args.eval_minutes * 60))
-        out = Path(args.out or Path(__file__).parent / "results" / f"learning-{Path(args.data).name}.json")
+        stem = "suite" if len(names) > 1 else Path(names[0]).name
+        out = Path(args.out or Path(__file__).parent / "results" / f"learning-{stem}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         budget = args.minutes * 60
         for r in runs:   # the starting point: ~0 from scratch, the trained encoder's score for a warm start
             record_scores(r, splits[split_key(r.cfg)][1], device, args)
-        print(f"{len(runs)} runs x {args.minutes:g} training minutes on {args.data}, round robin in "
+        print(f"{len(runs)} runs x {args.minutes:g} training minutes on {', '.join(names)}, round robin in "
               f"{args.slice:g}-second slices; results -> {out}")
         # Ctrl-C only sets a flag that the loop checks between steps, so it is never lost in a library that
         # catches KeyboardInterrupt, and the results are written once more before stopping
@@ -344,6 +405,8 @@ def main() -> None:
             write_results(runs, args, out)
             raise KeyboardInterrupt
         print_table(runs)
+        if len(names) > 1:
+            print_summary(suite_summary(runs))
         print(f"wrote {out} and {out.with_suffix('.png')}")
     except InputError as e:
         sys.exit(f"error: {e}")

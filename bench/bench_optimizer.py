@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 import sa  # noqa: E402
 import slotdiff  # noqa: E402
 import trainlib  # noqa: E402
@@ -29,7 +30,7 @@ def training_step(name: str, device: torch.device, compiled: bool) -> tuple[Call
     """step(opt): the script's own train_step on a random batch of its `cpu` preset (7 slots, synthetic-clevr's K),
     the optimiser the script builds, torch's default Adam over the same parameter groups, and the model."""
     module, config = (sa, sa.SAConfig) if name == "sa" else (slotdiff, slotdiff.SDConfig)
-    cfg = trainlib.make_config(config, module.PRESETS["cpu"])
+    cfg = cli.make_config(config, module.PRESETS["cpu"])
     cfg = replace(cfg, encoder=replace(cfg.encoder, slots=7))
     res, scaler = cfg.encoder.resolution, trainlib.make_grad_scaler(device, cfg.amp)
     images = torch.rand(cfg.batch_size, 3, res, res, device=device)

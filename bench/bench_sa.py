@@ -19,6 +19,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 import sa  # noqa: E402
 import trainlib  # noqa: E402
 from benchlib import matmul_peak, sync  # noqa: E402
@@ -55,7 +56,7 @@ def main():
     p.add_argument("--device", default="auto")
     args = p.parse_args()
     device = trainlib.pick_device(args.device)
-    cfg = trainlib.make_config(sa.SAConfig, sa.PRESETS[args.preset])
+    cfg = cli.make_config(sa.SAConfig, sa.PRESETS[args.preset])
     cfg.encoder.slots = cfg.encoder.slots or 7   # --slots 0 = from the data: 7 on synthetic-clevr
     resolution = cfg.encoder.resolution
     images = torch.rand(cfg.batch_size, 3, resolution, resolution, device=device)

@@ -3,7 +3,7 @@ from dataclasses import asdict
 
 import torch
 
-import trainlib
+import cli
 import vae
 
 # a SlotDiffusion small enough to train in seconds, on a 16 px synthetic-clevr split (slotdiff.py's flags)
@@ -14,7 +14,7 @@ SD_TINY = ["--resolution", "16", "--num-train", "8", "--num-val", "4", "--slots"
 
 def save_tiny_vae(path) -> None:
     """A VQ-VAE checkpoint with random weights, as vae.py writes it, small enough for SD_TINY (4x down)."""
-    cfg = trainlib.make_config(vae.TrainConfig, dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, n_embed=16))
+    cfg = cli.make_config(vae.TrainConfig, dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, n_embed=16))
     torch.save(dict(kind="vae", model=vae.VQVAE(cfg.model).state_dict(), config=asdict(cfg)), path)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import cli
 import data
 import sa
 import slotdiff
@@ -30,16 +31,16 @@ SA_TINY = ["--resolution", "16", "--broadcast-size", "8", "--slots", "3", "--slo
 def ckpts(tmp_path_factory):
     """A sa.py, a slotdiff.py and a vae.py checkpoint as the scripts write them, and two files that are not."""
     folder = tmp_path_factory.mktemp("ckpts")
-    sa_cfg = trainlib.make_config(sa.SAConfig, dict(resolution=16, slots=3, slot_dim=8, enc_channels=8,
-                                                    dec_channels=8, data="synthetic-clevr"))
+    sa_cfg = cli.make_config(sa.SAConfig, dict(resolution=16, slots=3, slot_dim=8, enc_channels=8,
+                                               dec_channels=8, data="synthetic-clevr"))
     trainlib.save_checkpoint(dict(kind="sa", model=sa.SlotAutoencoder(sa_cfg).state_dict(), step=1,
                                   config=asdict(sa_cfg)), folder / "sa.pt")
-    vae_cfg = trainlib.make_config(vae.TrainConfig, dict(ch=32, ch_mult=(1,), num_res_blocks=1, n_embed=16))
+    vae_cfg = cli.make_config(vae.TrainConfig, dict(ch=32, ch_mult=(1,), num_res_blocks=1, n_embed=16))
     trainlib.save_checkpoint(dict(kind="vae", model=vae.VQVAE(vae_cfg.model).state_dict(), config=asdict(vae_cfg),
                                   step=1), folder / "vae.pt")
-    sd_cfg = trainlib.make_config(slotdiff.SDConfig, dict(resolution=8, slots=3, slot_dim=8, enc_channels=8,
-                                                          vae=str(folder / "vae.pt"), base_channels=16,
-                                                          channel_mult=(1,), num_res_blocks=1, head_dim=8))
+    sd_cfg = cli.make_config(slotdiff.SDConfig, dict(resolution=8, slots=3, slot_dim=8, enc_channels=8,
+                                                     vae=str(folder / "vae.pt"), base_channels=16,
+                                                     channel_mult=(1,), num_res_blocks=1, head_dim=8))
     trainlib.save_checkpoint(dict(kind="slotdiff", model=slotdiff.SlotDiffusion(sd_cfg).state_dict(), step=1,
                                   config=asdict(sd_cfg), vae_hash=trainlib.file_hash(folder / "vae.pt")),
                              folder / "sd.pt")

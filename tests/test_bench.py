@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 import trainlib
 import vae
 
@@ -48,10 +49,37 @@ def test_two_variants_write_curves_picture_and_checkpoints(tmp_path):
     assert "decoder masks:" in edges.stdout and "attention masks:" in edges.stdout   # Slot Attention: both readouts
 
 
+def test_a_suite_trains_each_variant_on_each_dataset_and_names_the_worst(tmp_path):
+    run = bench(tmp_path, "--data", "synthetic-dsprites", "synthetic-occluded", "--variants", "cpu",
+                "implicit: slot_grad=implicit", "--minutes", "0.02", "--eval-minutes", "0.01")
+    assert run.returncode == 0, run.stderr
+    result = json.loads((tmp_path / "curves.json").read_text())
+    assert result["data"] == ["synthetic-dsprites", "synthetic-occluded"]
+    assert set(result["variants"]) == {f"{v} on {d}" for v in ("cpu", "implicit")
+                                       for d in ("synthetic-dsprites", "synthetic-occluded")}
+    for name, variant in result["variants"].items():
+        assert variant["config"]["data"] == variant["data"] and name.endswith(variant["data"])
+    for variant, entry in result["summary"].items():
+        finals = {d: result["variants"][f"{variant} on {d}"]["curve"][-1]["fg_ari"] for d in result["data"]}
+        assert {d: s["final"] for d, s in entry["datasets"].items()} == finals
+        assert entry["worst_final"] == min(finals.values()) and finals[entry["worst"]] == entry["worst_final"]
+        assert entry["largest_drop"] >= 0
+    assert "| worst (final) |" in run.stdout and "| implicit | " in run.stdout
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_suite_expands_to_every_embedded_family():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_learning import datasets
+    from data import SYNTHETIC
+    assert datasets(["suite"]) == list(SYNTHETIC)
+    assert datasets(["synthetic-clevr", "suite"]) == list(SYNTHETIC)   # each once, in order
+
+
 def test_slotdiff_from_scratch_and_warm_started_from_slot_attention(tmp_path):
     """A SlotDiffusion variant, and one that trains Slot Attention first and hands its encoder over: both write
     curves (the warm one's Slot Attention points first) and slotdiff.py checkpoints."""
-    vae_cfg = trainlib.make_config(vae.TrainConfig, dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, n_embed=16))
+    vae_cfg = cli.make_config(vae.TrainConfig, dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, n_embed=16))
     torch.save(dict(kind="vae", model=vae.VQVAE(vae_cfg.model).state_dict(), config=asdict(vae_cfg)),
                tmp_path / "vae.pt")
     unet = f"model=slotdiff vae={tmp_path / 'vae.pt'} base_channels=16 channel_mult=1,2 num_res_blocks=1 head_dim=8"

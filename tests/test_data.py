@@ -9,25 +9,26 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import data  # noqa: E402
+import scenegen  # noqa: E402
 from errors import InputError  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- synthetic generator
 
 def test_generator_is_deterministic_and_seeds_differ():
-    image, mask = data.render_scene(7, 64)
-    again_image, again_mask = data.render_scene(7, 64)
-    other_image, _ = data.render_scene(8, 64)
+    image, mask = scenegen.render_scene(7, 64)
+    again_image, again_mask = scenegen.render_scene(7, 64)
+    other_image, _ = scenegen.render_scene(8, 64)
     assert image.shape == (64, 64, 3) and image.dtype == np.uint8 and mask.shape == (64, 64) and mask.dtype == np.uint8
     assert np.array_equal(image, again_image) and np.array_equal(mask, again_mask)
     assert np.abs(image.astype(int) - other_image).mean() > 10
 
 
-@pytest.mark.parametrize("style", data.STYLES)
+@pytest.mark.parametrize("style", scenegen.STYLES)
 @pytest.mark.parametrize("resolution", [32, 64, 128])
 def test_mask_is_exactly_what_was_painted(resolution, style):
     for seed in range(8):
-        image, mask, info = data.render_scene(seed, resolution, style=style, return_albedo=True)
+        image, mask, info = scenegen.render_scene(seed, resolution, style=style, return_albedo=True)
         n = len(info["colors"])
         assert set(np.unique(mask)) == set(range(n + 1))  # contiguous ids, nothing hidden left behind
         silhouettes = info["silhouettes"]
@@ -51,13 +52,13 @@ def test_object_counts_and_min_area():
     # visible objects equals the sampled target; in 1000 checked seeds it never fell short. We assert the full range.
     counts = []
     for seed in range(120):
-        mask = data.render_scene(seed, 64)[1]
+        mask = scenegen.render_scene(seed, 64)[1]
         counts.append(int(mask.max()))
         areas = np.bincount(mask.ravel())[1:]
         assert areas.min() >= max(6, int(0.0035 * 64 * 64))
     assert min(counts) >= 3 and max(counts) <= 10
     assert len(set(counts)) >= 6  # the count really varies over 3..10
-    few = [int(data.render_scene(s, 64, min_objects=1, max_objects=2)[1].max()) for s in range(20)]
+    few = [int(scenegen.render_scene(s, 64, min_objects=1, max_objects=2)[1].max()) for s in range(20)]
     assert set(few) <= {1, 2}
 
 
@@ -68,7 +69,7 @@ def test_objects_stand_out_from_background():
         return (pixels.max(-1) - pixels.min(-1)) / np.maximum(pixels.max(-1), 1)
     wins = 0
     for seed in range(30):
-        image, mask = data.render_scene(seed, 64)
+        image, mask = scenegen.render_scene(seed, 64)
         wins += saturation(image[mask > 0]).mean() > saturation(image[mask == 0]).mean() + 0.1
     assert wins >= 27
 
@@ -76,12 +77,12 @@ def test_objects_stand_out_from_background():
 def test_synthetic_cache_is_reused(tmp_path, monkeypatch):
     scenes = data.synthetic_scenes(5, 32, seed=3, cache_dir=str(tmp_path))
     assert len(scenes) == 5 and scenes.images.shape == (5, 32, 32, 3)
-    image, mask = data.render_scene(3 + 4, 32)  # scene i comes from seed + i
+    image, mask = scenegen.render_scene(3 + 4, 32)  # scene i comes from seed + i
     assert np.array_equal(scenes.images[4], image) and np.array_equal(scenes.masks[4], mask)
 
     def fail(*args, **kwargs):
         raise AssertionError("regenerated instead of using the cache")
-    monkeypatch.setattr(data, "render_scene", fail)
+    monkeypatch.setattr(scenegen, "render_scene", fail)
     again = data.synthetic_scenes(5, 32, seed=3, cache_dir=str(tmp_path))
     assert isinstance(again.images, np.memmap) and np.array_equal(again.images, scenes.images)
     with pytest.raises(AssertionError):  # other settings -> other cache key -> renders
@@ -93,12 +94,12 @@ def test_plain_style_is_flat_colours_on_a_plain_background_with_3_to_6_objects(t
     counts = [int(m.max()) for m in scenes.masks]
     assert min(counts) == 3 and max(counts) == 6
     for seed in range(10):
-        _, mask, info = data.render_scene(seed, 64, min_objects=3, max_objects=6, style="clevr", return_albedo=True)
+        _, mask, info = scenegen.render_scene(seed, 64, min_objects=3, max_objects=6, style="clevr", return_albedo=True)
         for k in range(1, int(mask.max()) + 1):           # one base colour per object: no texture
             assert len(np.unique(info["albedo"][mask == k], axis=0)) == 1
         floor = info["albedo"][-8:][mask[-8:] == 0]       # the bottom rows are floor only
         assert len(np.unique(floor, axis=0)) == 1         # plain floor: one colour (shading and noise come later)
-    textured = data.render_scene(0, 64, return_albedo=True)[2]["albedo"][-8:]
+    textured = scenegen.render_scene(0, 64, return_albedo=True)[2]["albedo"][-8:]
     assert len(np.unique(textured.reshape(-1, 3), axis=0)) > 1
 
 
@@ -405,16 +406,16 @@ def test_cli_preview_and_error_exit(tmp_path, capsys):
 def test_two_process_generation_matches_serial(tmp_path):
     scenes = data.synthetic_scenes(256, 32, seed=11, cache_dir=str(tmp_path))  # >= 256 scenes: two processes
     for i in (0, 77, 255):
-        image, mask = data.render_scene(11 + i, 32)
+        image, mask = scenegen.render_scene(11 + i, 32)
         assert np.array_equal(scenes.images[i], image) and np.array_equal(scenes.masks[i], mask)
 
 
-@pytest.mark.parametrize("style", list(data.SHAPE_STYLES))
+@pytest.mark.parametrize("style", list(scenegen.SHAPE_STYLES))
 def test_2d_shape_scenes_are_deterministic_and_keep_their_object_counts(style, tmp_path):
-    image, mask = data.render_shapes(3, 64, style=style)
-    again_image, again_mask = data.render_shapes(3, 64, style=style)
+    image, mask = scenegen.render_shapes(3, 64, style=style)
+    again_image, again_mask = scenegen.render_shapes(3, 64, style=style)
     assert np.array_equal(image, again_image) and np.array_equal(mask, again_mask)
-    assert not np.array_equal(image, data.render_shapes(4, 64, style=style)[0])
+    assert not np.array_equal(image, scenegen.render_shapes(4, 64, style=style)[0])
     limits = data.SYNTHETIC[f"synthetic-{style}"]
     scenes = data.load_split(f"synthetic-{style}", "val", 32, 24, cache_dir=str(tmp_path))
     for mask in scenes.masks:   # ids contiguous 1..n, each object at least a few pixels
@@ -428,7 +429,7 @@ def test_flat_2d_shape_masks_are_exactly_the_regions_painted(style):
     """Flat colours plus pixel noise: every pixel is nearest to the mean colour of its own mask region, so the mask
     and the picture agree pixel for pixel (occluded parts included)."""
     for seed in range(12):
-        image, mask = data.render_shapes(seed, 64, style=style)
+        image, mask = scenegen.render_shapes(seed, 64, style=style)
         ids = np.unique(mask)
         means = np.stack([image[mask == k].mean(0) for k in ids])
         nearest = ids[np.linalg.norm(image[:, :, None].astype(float) - means, axis=-1).argmin(-1)]

@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+import cli
 import export
 import sa
 import slotdiff
@@ -27,13 +28,13 @@ def ckpts(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpts")
     torch.manual_seed(0)
     encoder = dict(slots=3, slot_dim=8, slot_mlp_hidden=16, enc_channels=8)
-    sa_cfg = trainlib.make_config(sa.SAConfig, encoder, dict(resolution=16, broadcast_size=8, dec_channels=8))
+    sa_cfg = cli.make_config(sa.SAConfig, encoder, dict(resolution=16, broadcast_size=8, dec_channels=8))
     trainlib.save_checkpoint(dict(kind="sa", model=sa.SlotAutoencoder(sa_cfg).state_dict(), step=1,
                                   config=asdict(sa_cfg)), folder / "sa.pt")
-    vae_cfg = trainlib.make_config(vae.TrainConfig, dict(ch=32, ch_mult=(1,), num_res_blocks=1, n_embed=16))
+    vae_cfg = cli.make_config(vae.TrainConfig, dict(ch=32, ch_mult=(1,), num_res_blocks=1, n_embed=16))
     trainlib.save_checkpoint(dict(kind="vae", model=vae.VQVAE(vae_cfg.model).state_dict(), config=asdict(vae_cfg),
                                   step=1), folder / "vae.pt")
-    sd_cfg = trainlib.make_config(slotdiff.SDConfig, encoder, dict(
+    sd_cfg = cli.make_config(slotdiff.SDConfig, encoder, dict(
         resolution=8, vae=str(folder / "vae.pt"), base_channels=16, channel_mult=(1,), num_res_blocks=1, head_dim=8,
         dropout=0.0))
     model = slotdiff.SlotDiffusion(sd_cfg, vae_cfg.model.embed_dim)

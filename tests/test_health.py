@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cli
 import sa
 import slotdiff
 import trainlib
@@ -107,8 +108,8 @@ class WrongGradient(torch.nn.Module):
 
 def test_check_compiled_names_a_wrong_gradient_and_passes_a_right_one():
     torch.manual_seed(0)
-    cfg = trainlib.make_config(sa.SAConfig, dict(resolution=16, broadcast_size=8, slots=3, slot_dim=8,
-                                                 slot_mlp_hidden=8, enc_channels=8, dec_channels=8, amp=False))
+    cfg = cli.make_config(sa.SAConfig, dict(resolution=16, broadcast_size=8, slots=3, slot_dim=8,
+                                            slot_mlp_hidden=8, enc_channels=8, dec_channels=8, amp=False))
     model, images, cpu = sa.SlotAutoencoder(cfg), torch.rand(2, 3, 16, 16), torch.device("cpu")
     loss_of = lambda view: view(images)["loss"]
     eager = trainlib.Autocast(model, cpu, False)
@@ -135,9 +136,9 @@ def test_a_compiled_step_that_disagrees_with_eager_trains_eagerly_and_says_why(t
 
 def test_a_compiled_sampling_unet_that_disagrees_with_eager_samples_eagerly(monkeypatch, capsys):
     torch.manual_seed(0)
-    cfg = trainlib.make_config(slotdiff.SDConfig, dict(resolution=16, slots=2, slot_dim=8, enc_channels=8,
-                                                       base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                                                       head_dim=8, compile=True, amp=False))
+    cfg = cli.make_config(slotdiff.SDConfig, dict(resolution=16, slots=2, slot_dim=8, enc_channels=8,
+                                                  base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                                                  head_dim=8, compile=True, amp=False))
     model = slotdiff.SlotDiffusion(cfg, 3)
 
     class Broken(torch.nn.Module):
@@ -260,7 +261,7 @@ def test_a_vae_killed_in_its_first_steps_is_trained_again_by_the_next_slotdiff_r
     """vae.train (here only its first check, prepare_out) on the VQ-VAE cache folder a killed first run left with
     nothing but its log: the next slotdiff.py run trains it again instead of stopping."""
     monkeypatch.chdir(tmp_path)
-    cfg = trainlib.make_config(slotdiff.SDConfig, dict(resolution=16, num_train=8, num_val=4, device="cpu"))
+    cfg = cli.make_config(slotdiff.SDConfig, dict(resolution=16, num_train=8, num_val=4, device="cpu"))
     train_set = slotdiff.load_split(cfg.data, "train", 16, 8)
     started = []
     monkeypatch.setattr(vae, "train", lambda vae_cfg, resume=None: started.append(

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import cli
 import sa
 import trainlib
 
@@ -15,7 +16,7 @@ TINY = dict(resolution=32, slots=4, slot_dim=16, slot_mlp_hidden=32, enc_channel
 
 
 def tiny_cfg(**kw) -> sa.SAConfig:
-    return trainlib.make_config(sa.SAConfig, TINY, kw)
+    return cli.make_config(sa.SAConfig, TINY, kw)
 
 
 @pytest.mark.parametrize("full_res_kernel", [5, 3])

@@ -9,13 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
+import cli
 import data
 import metrics
 import sa
-from errors import InputError
+import scenegen
 import slotdiff
 import trainlib
 import vae
+from errors import InputError
 from helpers import randomise_zero_inits as randomise
 from slotdiff import Diffusion, DiffusionConfig, ResBlock, SDConfig, SlotDiffusion, SlotTransformer, UNet, UNetConfig
 
@@ -245,7 +247,7 @@ def test_one_optimisation_step_lowers_the_loss():
 
 def tiny_joint_config(**overrides) -> SDConfig:
     cfg = dict(resolution=16, slots=3, slot_dim=SLOT_DIM, slot_mlp_hidden=16, enc_channels=8, unet=TINY_UNET)
-    return trainlib.make_config(SDConfig, cfg, overrides)
+    return cli.make_config(SDConfig, cfg, overrides)
 
 
 def test_batch_indices_match_data_get_batch():
@@ -364,7 +366,7 @@ def test_bad_settings_exit_with_one_line_error(capsys):
 
 @pytest.fixture
 def tiny_vae(tmp_path) -> str:
-    cfg = trainlib.make_config(vae.TrainConfig, dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, n_embed=16))
+    cfg = cli.make_config(vae.TrainConfig, dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, n_embed=16))
     path = tmp_path / "tiny_vae.pt"
     torch.save(dict(kind="vae", model=vae.VQVAE(cfg.model).state_dict(), config=asdict(cfg)), path)
     return str(path)
@@ -443,7 +445,7 @@ def write_folder_dataset(root: Path, counts: dict[str, int]) -> None:
         (root / split / "images").mkdir(parents=True)
         (root / split / "masks").mkdir(parents=True)
         for i in range(n):
-            image, ids = data.render_scene(1000 * len(split) + i, 32, 2, 4, style="clevr")
+            image, ids = scenegen.render_scene(1000 * len(split) + i, 32, 2, 4, style="clevr")
             Image.fromarray(image).resize((40, 30)).save(root / split / "images" / f"img_{i:04d}.jpg")
             Image.fromarray(colours[ids]).resize((40, 30), Image.NEAREST).save(root / split / "masks" / f"mask_{i}.png")
 
@@ -483,13 +485,13 @@ def test_without_vae_flag_a_vae_is_trained_once_then_reused(tmp_path, monkeypatc
 
     def fake_train(cfg, resume=None):
         trainings.append((cfg, resume))
-        cfg = trainlib.with_overrides(cfg, dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, n_embed=16, steps=2))
+        cfg = cli.with_overrides(cfg, dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, n_embed=16, steps=2))
         state = dict(kind="vae", model=vae.VQVAE(cfg.model).state_dict(), config=asdict(cfg), step=len(trainings))
         (Path(cfg.out) / "ckpt.pt").parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, Path(cfg.out) / "ckpt.pt")
 
     monkeypatch.setattr(vae, "train", fake_train)
-    cfg = trainlib.make_config(SDConfig, dict(resolution=32, num_train=8, device="cpu"))
+    cfg = cli.make_config(SDConfig, dict(resolution=32, num_train=8, device="cpu"))
     images = data.Scenes(np.zeros((8, 32, 32, 3), np.uint8), np.zeros((8, 32, 32), np.uint8), "folder:train")
     path = slotdiff.ensure_vae(cfg, images)  # trains, but stops half-way (step 1 of 2)
     first, resume = trainings[0]
@@ -561,12 +563,12 @@ def test_a_vae_the_clock_stopped_is_reused_not_trained_again(tmp_path, monkeypat
     def fake_train(cfg, resume=None):
         trainings.append(resume)
         assert cfg.max_minutes == vae.PRESETS["cpu"]["max_minutes"] > 0
-        cfg = trainlib.with_overrides(cfg, dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, n_embed=16, steps=2))
+        cfg = cli.with_overrides(cfg, dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, n_embed=16, steps=2))
         state = dict(kind="vae", model=vae.VQVAE(cfg.model).state_dict(), config=asdict(cfg), step=1, finished=True)
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         torch.save(state, Path(cfg.out) / "ckpt.pt")
 
     monkeypatch.setattr(vae, "train", fake_train)
-    cfg = trainlib.make_config(SDConfig, dict(resolution=32, num_train=8, device="cpu"))
+    cfg = cli.make_config(SDConfig, dict(resolution=32, num_train=8, device="cpu"))
     images = data.Scenes(np.zeros((8, 32, 32, 3), np.uint8), np.zeros((8, 32, 32), np.uint8), "folder:train")
     assert slotdiff.ensure_vae(cfg, images) == slotdiff.ensure_vae(cfg, images) and trainings == [None]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import cli
 import data
 import trainlib
 import vae
@@ -85,7 +86,7 @@ def test_missing_checkpoint_names_path_and_how_to_train(tmp_path):
 
 def test_own_checkpoint_round_trips_with_its_config(tmp_path):
     model = vae.VQVAE(TINY).eval()
-    config = vae.asdict(trainlib.make_config(vae.TrainConfig, dict(model=TINY)))
+    config = vae.asdict(cli.make_config(vae.TrainConfig, dict(model=TINY)))
     torch.save({"kind": "vae", "model": model.state_dict(), "config": config, "step": 3}, tmp_path / "ckpt.pt")
     loaded = vae.load_vae(tmp_path / "ckpt.pt")
     assert loaded.cfg == TINY
