@@ -81,6 +81,15 @@ def flag_parser(hint) -> Callable[[str], Any]:
     return hint
 
 
+def metavar(hint) -> str:
+    """What --help shows a flag to take: N, X, TEXT, 0|1, N,N,..."""
+    options = [a for a in typing.get_args(hint) if a is not type(None)]
+    hint = options[0] if typing.get_origin(hint) in (types.UnionType, typing.Union) else hint
+    if typing.get_origin(hint) is tuple:
+        return "N,N,..."
+    return {bool: "0|1", int: "N", float: "X"}.get(hint, "TEXT")
+
+
 def leaf_types(cls) -> dict[str, Any]:
     """Flag name -> the type of that leaf field."""
     return {leaf: typing.get_type_hints(functools.reduce(lambda c, name: typing.get_type_hints(c)[name], path[:-1],
@@ -134,10 +143,31 @@ def make_config(cls, *layers: dict):
     return cfg
 
 
+# Settings no preset used and that measured no better, removed from the flags: a checkpoint that stored one loads
+# when its value is the one the code now always uses (docs/results.md has the measurements).
+RETIRED = {"enc_stride": 1, "broadcast_size": 8, "full_res_layers": 1, "attn_from_level": 1}
+
+
+def without_retired(cls, stored: dict, path: str | Path) -> dict:
+    """stored (a checkpoint's config dict, nested configs as dicts) less the retired settings it may hold."""
+    known = set(typing.get_type_hints(cls))
+    kept = {}
+    for key, value in stored.items():
+        if isinstance(value, dict) and key in known:
+            kept[key] = without_retired(typing.get_type_hints(cls)[key], value, path)
+        elif key in RETIRED and key not in known:
+            if value != RETIRED[key]:
+                raise InputError(f"{path} was trained with {flag(key)} {value}, a setting this version no longer "
+                                 f"has (it always uses {RETIRED[key]}); use the version that wrote it")
+        else:
+            kept[key] = value
+    return kept
+
+
 def config_from_checkpoint(cls, stored: dict, path: str | Path):
     """The config a checkpoint was trained with; a field this version does not know is a clear error."""
     try:
-        return make_config(cls, stored)
+        return make_config(cls, without_retired(cls, stored, path))
     except KeyError as e:
         raise InputError(f"{path} was written by another version of this script (unknown setting {e}); retrain "
                          f"it, or use the version that wrote it") from None
@@ -149,7 +179,8 @@ def parse_command_line(cls, presets: dict, argv: list[str], description: str, ki
     --preset applies a named dict of overrides; --resume / --ckpt start from that checkpoint's config instead
     (a --preset beside them is ignored, and says so); explicit flags always win."""
     command = argv.pop(0) if argv and argv[0] in commands else commands[0]
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(
+        prog, max_help_position=36, width=120))   # a flag and its help on one line where they fit: --help is short
     p.add_argument("--preset", choices=sorted(presets), help="a named set of overrides (explicit flags still win)")
     p.add_argument("--resume", help="train: continue exactly from this checkpoint (its settings, model, optimiser, "
                                     "step and random state); auto: from --out's checkpoint if there is one, else "
@@ -161,7 +192,7 @@ def parse_command_line(cls, presets: dict, argv: list[str], description: str, ki
     for leaf, path in config_paths(cls).items():
         default = functools.reduce(getattr, path, defaults)
         p.add_argument(flag(leaf), type=flag_parser(hints[leaf]), default=None,
-                       metavar=leaf.upper(), help=f"{comments.get(leaf, '')} (default {default})".strip())
+                       metavar=metavar(hints[leaf]), help=f"{comments.get(leaf, '')} (default {default})".strip())
     args = p.parse_args(attach_negative_numbers(argv))
     args.auto_resume = args.resume == "auto"
     if args.auto_resume:

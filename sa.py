@@ -46,20 +46,19 @@ class EncoderConfig:
                                    # last only (Chang et al. 2022); "bo-qsa": implicit + straight-through to the
                                    # initial slots (Jia et al. 2023)
     enc_channels: int = 64
-    enc_stride: int = 1            # stride of the first encoder conv: 2 halves the tokens Slot Attention reads
     weight_init: str = "torch"     # "torch": PyTorch's default layer init; "xavier": the official (TF/Keras) code's
                                    # Glorot-uniform weights, orthogonal GRU recurrence, zero biases
+
+
+BROADCAST_SIZE = 8   # the decoder tiles each slot on an 8x8 grid and upsamples it by stride-2 steps (the paper's)
 
 
 @dataclass
 class DecoderConfig:
     """The Spatial Broadcast Decoder (it reads the slot size and resolution from the encoder's config)."""
     dec_channels: int = 64
-    broadcast_size: int = 8        # the decoder upsamples this grid to the resolution by stride-2 steps
     full_res_kernel: int = 5       # kernel of the stride-1 conv at full resolution (paper: 5); at 5 it is half
                                    # of the cpu preset's FLOPs a step, 3 cuts the step's FLOPs by a third
-    full_res_layers: int = 1       # stride-1 convs at full resolution before the RGB + mask layer; with
-                                   # --broadcast-size = --resolution and 3 of them this is Watters et al.'s decoder
 
 
 @dataclass
@@ -99,20 +98,18 @@ class SAConfig:
 PRESETS = {
     "paper": dict(encoder=EncoderConfig(resolution=128), decoder=DecoderConfig(), batch_size=64, lr=4e-4,
                   warmup=10_000, decay_every=100_000, steps=500_000),
-    # A 2-core CPU, chosen from measured learning curves on plain and textured scenes (bench/bench_learning.py;
-    # docs/results.md): 32x32 and batch 8 buy ~25 steps/s (batch 8 with the warm-up and decay stretched to the
-    # doubled step count beat batch 16 by 0.06 FG-ARI at 15 min), and BO-QSA's learned slot queries break symmetry
-    # soonest (the official code's xavier init helps on plain scenes but costs 0.09 FG-ARI on textured ones).
-    # 20000 training scenes (a folder: up to 20000 of its images): ~30k steps of batch 8 saw each of 5000 scenes
-    # ~50 times and the val loss ended 4% above the train loss; with 20000, FG-ARI 0.924 against 0.887 at 12 min
-    # (run 21) and 0.933 in a fresh-clone make demo, where the background went to two or three slots (ARI 0.50).
-    # A 3x3 full-resolution decoder conv: 1.3x the steps a minute on an AVX2-only CPU, where a step is compute-bound,
-    # and FG-ARI 0.836 against 0.781 at 15 min there, no lower at equal steps (run 26).
-    "cpu": dict(encoder=EncoderConfig(resolution=32, slots=0, enc_channels=32, slot_init="learned",
-                                      slot_grad="bo-qsa"),
-                decoder=DecoderConfig(dec_channels=32, full_res_kernel=3), batch_size=8, lr=4e-4, warmup=1_000,
-                decay_every=10_000, steps=100_000, max_minutes=20, num_train=20_000, num_val=500, log_every=25,
-                eval_every=500, eval_images=128, ckpt_every=500),
+    # a 2-core CPU; why each setting, with its measurement: docs/results.md, "Learning curves: how the cpu preset
+    # was chosen"
+    "cpu": dict(encoder=EncoderConfig(resolution=32,   # 32x32 and batch 8 buy ~25 steps/s
+                                      slots=0,          # the most objects in a training scene + 1
+                                      enc_channels=32,
+                                      slot_init="learned", slot_grad="bo-qsa"),   # BO-QSA: slots bind soonest
+                decoder=DecoderConfig(dec_channels=32,
+                                      full_res_kernel=3),   # 1.3x the steps a minute on AVX2, no worse per step
+                batch_size=8,                       # with warm-up and decay stretched: +0.06 FG-ARI over batch 16
+                lr=4e-4, warmup=1_000, decay_every=10_000, steps=100_000, max_minutes=20,
+                num_train=20_000,                   # 5000 scenes overfit in 30k steps (FG-ARI 0.924 vs 0.887)
+                num_val=500, log_every=25, eval_every=500, eval_images=128, ckpt_every=500),
 }
 
 
@@ -121,27 +118,22 @@ def validate_encoder(cfg: EncoderConfig) -> None:
     cli.check_ranges(cfg, positive=("resolution", "iters", "slot_dim", "slot_mlp_hidden", "enc_channels"),
                      non_negative=("slots",),
                      choices=dict(slot_init=("gaussian", "learned"), slot_grad=SLOT_GRADS,
-                                  weight_init=("torch", "xavier"), enc_stride=(1, 2)))
-    if cfg.resolution % cfg.enc_stride:
-        raise InputError(f"--enc-stride {cfg.enc_stride} needs an even --resolution, got {cfg.resolution}")
+                                  weight_init=("torch", "xavier")))
 
 
 def validate(cfg: SAConfig) -> None:
     """Every setting checked before any work, each problem as one line naming the flag."""
     check_source(cfg.data)
     validate_encoder(cfg.encoder)
-    cli.check_ranges(cfg, positive=("dec_channels", "broadcast_size", "full_res_layers", "batch_size", "lr",
-                                    "decay_every", "decay_rate", "steps", "log_every", "eval_every", "eval_images",
-                                    "ckpt_every", "num_train", "num_gen"),
+    cli.check_ranges(cfg, positive=("dec_channels", "batch_size", "lr", "decay_every", "decay_rate", "steps",
+                                    "log_every", "eval_every", "eval_images", "ckpt_every", "num_train", "num_gen"),
                      non_negative=("warmup", "grad_clip", "seed", "max_minutes"),
                      choices=dict(comp_sample=("member", "gaussian"), full_res_kernel=(1, 3, 5, 7)),
                      shares=("cooldown",))
-    resolution, broadcast = cfg.encoder.resolution, cfg.decoder.broadcast_size
-    ratio = resolution / broadcast
+    ratio = cfg.encoder.resolution / BROADCAST_SIZE
     if ratio < 1 or ratio != 2 ** round(math.log2(ratio)):
-        raise InputError(f"--resolution {resolution} is not --broadcast-size {broadcast} times a power "
-                         f"of 2, so the stride-2 decoder cannot reach it; use e.g. 32, 64 or 128 "
-                         f"(or change --broadcast-size)")
+        raise InputError(f"--resolution {cfg.encoder.resolution} is not {BROADCAST_SIZE} times a power of 2, so the "
+                         f"decoder's stride-2 steps cannot reach it; use e.g. 32, 64 or 128")
     if cfg.decay_rate > 1:
         raise InputError(f"--decay-rate {cfg.decay_rate}: the learning rate is multiplied by it every "
                          f"--decay-every steps, so it must be in (0, 1] (paper: 0.5)")
@@ -269,10 +261,10 @@ class SlotEncoder(nn.Module):
         super().__init__()
         c = cfg.enc_channels
         layers = []
-        for i in range(4):  # 4 x 5x5 conv; stride 1 keeps the image resolution, a first stride 2 quarters the tokens
-            layers += [nn.Conv2d(3 if i == 0 else c, c, 5, stride=cfg.enc_stride if i == 0 else 1, padding=2), nn.ReLU()]
+        for i in range(4):  # 4 x 5x5 conv at the image's resolution: one token per pixel
+            layers += [nn.Conv2d(3 if i == 0 else c, c, 5, padding=2), nn.ReLU()]
         self.cnn = nn.Sequential(*layers)
-        self.pos = SoftPositionEmbed(c, cfg.resolution // cfg.enc_stride)
+        self.pos = SoftPositionEmbed(c, cfg.resolution)
         self.mlp = nn.Sequential(nn.LayerNorm(c), nn.Linear(c, c), nn.ReLU(), nn.Linear(c, c))
         self.slot_attention = SlotAttention(cfg.slots, cfg.slot_dim, c, cfg.iters, cfg.slot_mlp_hidden, cfg.slot_init,
                                             cfg.slot_grad)
@@ -291,17 +283,15 @@ class SpatialBroadcastDecoder(nn.Module):
     def __init__(self, cfg: DecoderConfig, slot_dim: int, resolution: int):
         super().__init__()
         c, d = cfg.dec_channels, slot_dim
-        self.size = cfg.broadcast_size
+        self.size = BROADCAST_SIZE
         self.pos = SoftPositionEmbed(d, self.size)
         layers, channels = [], d
         for _ in range(round(math.log2(resolution // self.size))):   # 8 -> 16 -> ... -> resolution
             layers += [nn.ConvTranspose2d(channels, c, 5, stride=2, padding=2, output_padding=1), nn.ReLU()]
             channels = c
         k = cfg.full_res_kernel
-        for _ in range(cfg.full_res_layers):
-            layers += [nn.ConvTranspose2d(channels, c, k, padding=k // 2), nn.ReLU()]
-            channels = c
-        layers += [nn.ConvTranspose2d(channels, 4, 3, padding=1)]
+        layers += [nn.ConvTranspose2d(channels, c, k, padding=k // 2), nn.ReLU(),
+                   nn.ConvTranspose2d(c, 4, 3, padding=1)]
         self.cnn = nn.Sequential(*layers)
 
     def forward(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

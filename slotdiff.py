@@ -53,8 +53,6 @@ class UNetConfig:
     """The slot-conditioned UNet on the VAE latent (it reads the slot size from the encoder's config)."""
     base_channels: int = 64
     channel_mult: tuple[int, ...] = (1, 2, 3, 4)  # one level per entry (the latent's size, halved at each next)
-    attn_from_level: int = 1       # levels from this one down (and the middle) get slot attention; the paper: 1,
-                                   # none at the full latent resolution
     num_res_blocks: int = 2        # per level going down; going up there is one more, for the down-sampler's skip
     head_dim: int = 32
     dropout: float = 0.1
@@ -123,28 +121,20 @@ PRESETS = {
     # at 16/8/4 (the reference CLEVRTex config widens the UNet to 128 channels)
     "paper": dict(encoder=EncoderConfig(resolution=128), unet=UNetConfig(), batch_size=64, warmup=12_500,
                   steps=250_000),
-    # a 2-core CPU: sa.py's measured cpu encoder recipe (32x32, BO-QSA learned queries), so the two models are
-    # compared on the same data; the VQ-VAE's cpu preset gives 8x8x3 latents, UNet levels 8/4/2. The encoder keeps
-    # the paper's 1e-4: warm-started from sa.py (--encoder-from), 4e-4 broke the handed-over binding within a
-    # minute and 2e-5 left it to decay (bench/bench_learning.py run 8, docs/results.md). No EMA: on the demo run
-    # --ema-decay 0.999 lowered the val denoising loss 10% but its attention maps scored 0.03 lower FG-ARI. The
-    # encoder's own cosine ends at step 6000 (--encoder-steps): with it running on, the attention maps drifted away
-    # from the objects while the denoising loss fell (run 11: FG-ARI 0.615 at 8 min against 0.687 frozen). The
-    # UNet's learning rate cools to 0 over the last 30% of the budget (--cooldown; the encoder keeps its own
-    # horizon): -6 to -18% denoising loss and reconstruction MSE at 10 minutes (runs 18 and 19). The encoder waits
-    # 1000 steps (--encoder-delay) while the fresh UNet learns to read its slots: trained from the start, it lost a
-    # quarter of its attention maps' FG-ARI in those steps (0.82 -> 0.61) and had not won it back 1500 later (run 24).
-    # The small VAE's latents have a std of ~0.36, a third of the scale the schedule is made for: --latent-scale 0
-    # brings them to unit std (LDM's rescaling), -16% reconstruction MSE at 10 minutes (run 29). Not compiled
-    # (--compile 0): the first compilation in a folder (1.7-4.8 min on 2 cores) costs more steps than the compiled
-    # step wins back in the preset's minutes: eager trained 31% more steps in 17 minutes on an AVX2-only CPU
-    # (compiled 5-7% faster there); on an AVX-512 BF16 one twice as many in 5 minutes (run 31: 1.2x faster once
-    # compiled, after 2.9 minutes) and as many in 17 (7527 against 7450, docs/results.md's ninth and tenth clones).
-    "cpu": dict(encoder=sa.PRESETS["cpu"]["encoder"], num_train=5_000, num_val=500, latent_scale=0.0, compile=False,
+    # a 2-core CPU; why each setting, with its measurement: docs/results.md, "Part 2: SlotDiffusion on 2 CPU cores"
+    "cpu": dict(encoder=sa.PRESETS["cpu"]["encoder"],   # sa.py's cpu encoder recipe: the two compare on equal data
+                num_train=5_000, num_val=500,
+                latent_scale=0.0,                 # the small VAE's latents to unit std: -16% reconstruction MSE
+                compile=False,                    # 2 cores: the first compilation costs more steps than it wins back
                 unet=UNetConfig(base_channels=32, channel_mult=(1, 2, 3), num_res_blocks=1, head_dim=32, dropout=0.0),
-                batch_size=16, lr=1e-4, unet_lr=4e-4, warmup=500, encoder_steps=6_000, encoder_delay=1_000,
-                cooldown=0.3, steps=100_000,
-                max_minutes=20, log_every=25, eval_every=500, eval_images=128, ckpt_every=500, sample_batch=250),
+                batch_size=16,
+                lr=1e-4,                          # the encoder's: 4e-4 broke the handed-over binding, 2e-5 let it decay
+                unet_lr=4e-4, warmup=500,
+                encoder_steps=6_000,              # the encoder's cosine ends here: trained on, its maps drifted away
+                encoder_delay=1_000,              # the encoder waits while the fresh UNet learns to read its slots
+                cooldown=0.3,                     # the UNet's lr to 0 over the last 30%: -6 to -18% loss and MSE
+                steps=100_000, max_minutes=20, log_every=25, eval_every=500, eval_images=128, ckpt_every=500,
+                sample_batch=250),
 }
 
 
@@ -177,10 +167,7 @@ def validate(cfg: SDConfig) -> None:
     if not unet.channel_mult or min(unet.channel_mult) < 1 or unet.dropout >= 1:
         raise InputError(f"--channel-mult {unet.channel_mult} / --dropout {unet.dropout}: need positive multipliers "
                          f"(e.g. 1,2,3) and a dropout in [0, 1)")
-    if not 0 <= unet.attn_from_level <= len(unet.channel_mult):
-        raise InputError(f"--attn-from-level {unet.attn_from_level}: need 0 to {len(unet.channel_mult)} for "
-                         f"--channel-mult {unet.channel_mult} (0: every level; the paper: 1)")
-    with_attention = unet.channel_mult[unet.attn_from_level:] + unet.channel_mult[-1:]   # the middle too
+    with_attention = unet.channel_mult[ATTN_FROM_LEVEL:] + unet.channel_mult[-1:]   # the middle too
     widths = sorted({unet.base_channels * m for m in with_attention})
     if any(w % unet.head_dim for w in widths):
         raise InputError(f"UNet widths {widths} (--base-channels x --channel-mult) must be multiples of "
@@ -408,9 +395,12 @@ class UNetLayer(nn.ModuleList):
         return h
 
 
+ATTN_FROM_LEVEL = 1   # the paper's UNet attends to the slots at every level but the full latent resolution
+
+
 class UNet(nn.Module):
     """eps_theta(x_t, t, slots) on the latent. Levels of num_res_blocks ResBlocks (each followed by a
-    SlotTransformer from level attn_from_level on) joined by down-sampling ResBlocks; a middle of
+    SlotTransformer from level ATTN_FROM_LEVEL on) joined by down-sampling ResBlocks; a middle of
     ResBlock-SlotTransformer-ResBlock; the mirror image going up, every layer concatenating the matching skip."""
 
     def __init__(self, cfg: UNetConfig, slot_dim: int, latent_channels: int = 3):
@@ -426,8 +416,8 @@ class UNet(nn.Module):
             return SlotTransformer(ch, slot_dim, cfg.head_dim, cfg.dropout)
 
         def level_blocks(level: int, i: int, o: int) -> list[nn.Module]:
-            """A level's ResBlock, with slot attention after it from level attn_from_level on."""
-            return [res(i, o)] + ([attn(o)] if level >= cfg.attn_from_level else [])
+            """A level's ResBlock, with slot attention after it from level ATTN_FROM_LEVEL on."""
+            return [res(i, o)] + ([attn(o)] if level >= ATTN_FROM_LEVEL else [])
 
         self.conv_in = nn.Conv2d(latent_channels, base, 3, padding=1)
         self.down = nn.ModuleList()

@@ -353,14 +353,14 @@ PRESETS = {
     # perceptual and GAN losses, which need pretrained networks this project does not download)
     "paper": dict(resolution=128, model=VAEConfig(ch=64, ch_mult=(1, 2, 4), num_res_blocks=2, n_embed=4096),
                   batch_size=32, steps=50_000, lr=2e-4, warmup=1000),
-    # a usable VAE on a 2-core CPU in minutes, at the 32x32 of the cpu presets of sa.py and slotdiff.py: half
-    # the width (GroupNorm needs multiples of 32), narrower deep levels, one block per level, 32x32 -> 8x8
-    # latents, a codebook small enough that a few thousand scenes keep all of it in use. 4000 steps (~3.5 min on
-    # 2 cores) rather than 800: val PSNR 28.0 vs 24.7 dB, and the FID of its reconstructions, the ceiling of
-    # SlotDiffusion's generations, 70 vs 140 (docs/results.md). At most 7 minutes (the cosine then follows the
-    # clock): a CPU without AVX-512 ran these 4000 steps in 14.5 min, which put `make demo-diffusion` over 40 min
-    "cpu": dict(resolution=32, model=VAEConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, n_embed=512),
-                batch_size=16, steps=4000, lr=1e-3, warmup=100, max_minutes=7),
+    # a usable VAE on a 2-core CPU in minutes, at the cpu presets' 32x32 (docs/results.md, Part 2, the VQ-VAE)
+    "cpu": dict(resolution=32,
+                model=VAEConfig(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1,   # 32x32 -> 8x8 latents, half the width
+                                n_embed=512),     # small enough that a few thousand scenes use all of the codebook
+                batch_size=16,
+                steps=4000,                       # not 800: reconstruction FID 70 vs 140, SlotDiffusion's ceiling
+                lr=1e-3, warmup=100,
+                max_minutes=7),                   # an AVX2-only CPU needs 14.5 min for the 4000 steps
 }
 
 

@@ -45,8 +45,6 @@ VARIANTS = {
     "implicit": dict(slot_init="gaussian", slot_grad="implicit"),   # Chang et al. 2022 instead of BO-QSA
     "xavier": dict(weight_init="xavier"),                           # the official code's layer init
     "batch32": dict(batch_size=32),
-    "res64-stride2": dict(resolution=64, enc_stride=2),
-    "sbd": dict(broadcast_size=32, full_res_layers=3),              # Watters et al.'s decoder: broadcast at 32 px
     "slotdiff": dict(model="slotdiff", encoder_delay=0, encoder_steps=0),   # from scratch: the encoder trains throughout
     "slotdiff-warm5": dict(model="slotdiff", warm_minutes=5.0),
 }

@@ -1,10 +1,17 @@
 """Helpers more than one test module needs."""
+import json
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
 import cli
 import vae
+
+# a Slot Attention small enough to train in seconds on the CPU (sa.py's flags)
+SA_SMALL = ["--resolution", "16", "--slots", "3", "--slot-dim", "8", "--slot-mlp-hidden", "8",
+            "--enc-channels", "8", "--dec-channels", "8", "--batch-size", "4", "--num-train", "16", "--num-val", "8",
+            "--eval-images", "8", "--compile", "0", "--amp", "0", "--device", "cpu", "--no-eval"]
 
 # a SlotDiffusion small enough to train in seconds, on a 16 px synthetic-clevr split (slotdiff.py's flags)
 SD_TINY = ["--resolution", "16", "--num-train", "8", "--num-val", "4", "--slots", "2", "--slot-dim", "8",
@@ -25,3 +32,7 @@ def randomise_zero_inits(module: torch.nn.Module, seed: int = 0, scale: float = 
         for p in module.parameters():
             if p.abs().max() == 0:
                 p.copy_(scale * torch.randn(p.shape, generator=gen))
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -1,10 +1,6 @@
 """The bad-input sweep: every class of careless input ends in one clear line naming the problem, a non-zero exit and
 no traceback, before any work is done, and nothing an earlier run wrote is lost."""
 import errno
-import json
-import os
-import subprocess
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,8 +17,7 @@ import vae
 from errors import InputError
 from helpers import SD_TINY, save_tiny_vae
 
-ROOT = Path(__file__).resolve().parents[1]
-SA_TINY = ["--resolution", "16", "--broadcast-size", "8", "--slots", "3", "--slot-dim", "8", "--slot-mlp-hidden", "8",
+SA_TINY = ["--resolution", "16", "--slots", "3", "--slot-dim", "8", "--slot-mlp-hidden", "8",
            "--enc-channels", "8", "--dec-channels", "8", "--batch-size", "4", "--num-train", "16", "--num-val", "8",
            "--steps", "2", "--eval-images", "8", "--compile", "0", "--amp", "0", "--device", "cpu"]
 
@@ -62,7 +57,6 @@ def one_line_error(main, argv: list[str], needle: str) -> str:
     (["--ckpt-every", "0"], "--ckpt-every 0: must be a number > 0"),
     (["--log-every", "0"], "--log-every 0"),
     (["--eval-every", "0"], "--eval-every 0"),
-    (["--broadcast-size", "0"], "--broadcast-size 0"),
     (["--slot-dim", "0"], "--slot-dim 0"),
     (["--enc-channels", "-3"], "--enc-channels -3"),
     (["--decay-every", "0"], "--decay-every 0"),
@@ -77,7 +71,6 @@ def one_line_error(main, argv: list[str], needle: str) -> str:
     (["--steps", "0"], "--steps 0"),
     (["--max-minutes", "-5"], "--max-minutes -5.0"),
     (["--slot-grad", "backwards"], "--slot-grad 'backwards': choose one of full, implicit, bo-qsa"),
-    (["--enc-stride", "3"], "--enc-stride 3"),
     (["--data", "synthetic"], "synthetic-clevr, synthetic-clevrtex, synthetic-dsprites"),
 ])
 def test_sa_settings(argv, needle, tmp_path, monkeypatch):
@@ -99,7 +92,6 @@ def test_sa_settings(argv, needle, tmp_path, monkeypatch):
     (["--sample-steps", "300"], "use one of 1, 2, 4, 5, 8, 10, 20, 25, 40, 50, 100, 125, 200, 250, 500, 1000"),
     (["--dropout", "1"], "--dropout 1.0"),
     (["--channel-mult", "1,0"], "--channel-mult (1, 0)"),
-    (["--attn-from-level", "4"], "--attn-from-level 4: need 0 to 3 for --channel-mult (1, 2, 3)"),
     (["--resolution", "40"], "--resolution 40 gives a 10x10 latent"),   # checked before any VAE is trained
     (["--encoder-from", "no_such_sa.pt"], "checkpoint no_such_sa.pt does not exist"),
 ])
@@ -128,6 +120,20 @@ def test_checkpoints_of_the_other_script_or_not_checkpoints_at_all(ckpts):
     one_line_error(slotdiff.main, ["eval", "--ckpt", str(ckpts / "dict.pt")], "keys ['weights']")
     with pytest.raises(InputError, match="holds a list"):
         vae.load_vae(ckpts / "list.pt")
+
+
+def test_a_checkpoint_holding_a_retired_setting_loads_at_the_kept_value_and_is_refused_otherwise():
+    stored = asdict(cli.make_config(sa.SAConfig, dict(resolution=16)))
+    stored["encoder"]["enc_stride"], stored["decoder"]["broadcast_size"] = 1, 8   # as written before they retired
+    assert cli.config_from_checkpoint(sa.SAConfig, stored, "old.pt") == cli.make_config(sa.SAConfig, dict(resolution=16))
+    sd_stored = asdict(cli.make_config(slotdiff.SDConfig, {}))
+    sd_stored["unet"]["attn_from_level"] = 1
+    assert cli.config_from_checkpoint(slotdiff.SDConfig, sd_stored, "old.pt") == slotdiff.SDConfig()
+    stored["encoder"]["enc_stride"] = 2
+    with pytest.raises(InputError, match="old.pt was trained with --enc-stride 2, a setting this version no longer"):
+        cli.config_from_checkpoint(sa.SAConfig, stored, "old.pt")
+    with pytest.raises(InputError, match="unknown setting"):
+        cli.config_from_checkpoint(sa.SAConfig, {**stored, "encoder": {"no_such_setting": 1}}, "old.pt")   # never a setting
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -228,31 +234,6 @@ def test_slotdiff_checkpoint_finds_its_vae_from_another_folder(tmp_path, monkeyp
     assert vqvae.cfg.n_embed == 16
 
 
-def test_distributed_training_matches_one_process_with_the_same_global_batch(tmp_path):
-    """torchrun, 2 processes on the CPU (gloo): both ranks end with identical weights, equal (up to float
-    summation order) to one process trained on the same global batch."""
-    common = ["--resolution", "16", "--broadcast-size", "8", "--slots", "3", "--slot-dim", "8", "--slot-mlp-hidden",
-              "8", "--enc-channels", "8", "--dec-channels", "8", "--num-train", "32", "--num-val", "8", "--steps", "3",
-              "--eval-images", "8", "--log-every", "1", "--compile", "0", "--amp", "0", "--device", "cpu", "--slot-init",
-              "learned", "--no-eval"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    script = ROOT / "tests" / "ddp_train.py"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                    str(script), *common, "--batch-size", "4", "--out", str(tmp_path / "ddp")],
-                   cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
-    subprocess.run([sys.executable, str(script), *common, "--batch-size", "8", "--out", str(tmp_path / "single")],
-                   cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
-    rank0, rank1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    single = torch.load(tmp_path / "single" / "rank0.pt", weights_only=True)
-    for key in rank0:
-        assert torch.equal(rank0[key], rank1[key]), key
-        torch.testing.assert_close(rank0[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
-    losses = {name: [r["train_loss"] for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
-                     if "train_loss" in r] for name in ("ddp", "single")}
-    assert len(losses["ddp"]) == len(losses["single"]) == 3   # the logged loss is the global batch's
-    assert losses["ddp"] == pytest.approx(losses["single"], rel=1e-4)
-
-
 def test_an_interrupted_vae_stops_slotdiff_too(tmp_path, monkeypatch):
     """vae.train exits 130 on Ctrl-C (after its checkpoint); slotdiff must not go on to train on that VAE."""
     monkeypatch.chdir(tmp_path)
@@ -296,3 +277,31 @@ def test_an_environment_that_cannot_compute_fid_is_refused_before_training(tmp_p
     one_line_error(sa.main, SA_TINY + ["--out", str(tmp_path / "run")], "default_1.pt (the Inception weights)")
     sa.main(SA_TINY + ["--out", str(tmp_path / "run"), "--no-eval"])
     assert (tmp_path / "run" / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--slots", "-1"], "--slots -1"),
+    (["--data", "/no/such/dataset"], "/no/such/dataset"),
+    (["--resolution", "48"], "--resolution 48"),
+    (["--full-res-kernel", "4"], "--full-res-kernel 4"),
+    (["eval"], "--ckpt"),
+    (["eval", "--ckpt", "/no/such/ckpt.pt"], "/no/such/ckpt.pt"),
+])
+def test_sa_arguments_give_one_clear_error(argv, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        sa.main(argv + ["--compile", "0", "--steps", "1"])
+    message = str(exc.value.code)
+    assert message.startswith("error:") and needle in message
+
+
+def test_slotdiff_settings_that_do_not_fit_together(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        slotdiff.main(["--slots", "-1"])
+    assert "error: --slots -1" in str(exit_info.value)
+    with pytest.raises(SystemExit) as exit_info:
+        slotdiff.main(["--base-channels", "24", "--head-dim", "32"])
+    assert "--head-dim" in str(exit_info.value)
+    with pytest.raises(SystemExit) as exit_info:
+        slotdiff.main(["--encoder-steps", "500", "--encoder-delay", "500"])
+    assert "error: --encoder-delay 500: the encoder must start before its training ends" in str(exit_info.value)

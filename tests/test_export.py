@@ -28,7 +28,7 @@ def ckpts(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpts")
     torch.manual_seed(0)
     encoder = dict(slots=3, slot_dim=8, slot_mlp_hidden=16, enc_channels=8)
-    sa_cfg = cli.make_config(sa.SAConfig, encoder, dict(resolution=16, broadcast_size=8, dec_channels=8))
+    sa_cfg = cli.make_config(sa.SAConfig, encoder, dict(resolution=16, dec_channels=8))
     trainlib.save_checkpoint(dict(kind="sa", model=sa.SlotAutoencoder(sa_cfg).state_dict(), step=1,
                                   config=asdict(sa_cfg)), folder / "sa.pt")
     vae_cfg = cli.make_config(vae.TrainConfig, dict(ch=32, ch_mult=(1,), num_res_blocks=1, n_embed=16))

@@ -18,16 +18,9 @@ import sa
 import slotdiff
 import trainlib
 import vae
-from helpers import SD_TINY, save_tiny_vae
+from helpers import SA_SMALL, SD_TINY, records, save_tiny_vae
 
 ROOT = Path(__file__).resolve().parents[1]
-SA_SMALL = ["--resolution", "16", "--broadcast-size", "8", "--slots", "3", "--slot-dim", "8", "--slot-mlp-hidden", "8",
-            "--enc-channels", "8", "--dec-channels", "8", "--batch-size", "4", "--num-train", "16", "--num-val", "8",
-            "--eval-images", "8", "--compile", "0", "--amp", "0", "--device", "cpu", "--no-eval"]
-
-
-def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def nan_gradient(parameter: torch.Tensor) -> torch.Tensor:
@@ -108,7 +101,7 @@ class WrongGradient(torch.nn.Module):
 
 def test_check_compiled_names_a_wrong_gradient_and_passes_a_right_one():
     torch.manual_seed(0)
-    cfg = cli.make_config(sa.SAConfig, dict(resolution=16, broadcast_size=8, slots=3, slot_dim=8,
+    cfg = cli.make_config(sa.SAConfig, dict(resolution=16, slots=3, slot_dim=8,
                                             slot_mlp_hidden=8, enc_channels=8, dec_channels=8, amp=False))
     model, images, cpu = sa.SlotAutoencoder(cfg), torch.rand(2, 3, 16, 16), torch.device("cpu")
     loss_of = lambda view: view(images)["loss"]
@@ -214,37 +207,6 @@ def test_sigterm_checkpoints_the_current_step_and_the_same_command_with_resume_a
     assert trainlib.load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"] == stopped + 2
     done = subprocess.run(requeued, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "is a finished run; nothing left to train" in done.stdout
-
-
-def worker_of_rank(rank: int, cwd: Path) -> int:
-    """The pid of the torchrun worker of `rank` running in cwd."""
-    for proc in Path("/proc").iterdir():
-        try:
-            if (proc.name.isdigit() and os.readlink(proc / "cwd") == str(cwd)
-                    and f"RANK={rank}".encode() in (proc / "environ").read_bytes().split(b"\0")):
-                return int(proc.name)
-        except OSError:   # a process that ended meanwhile, or not ours to read
-            continue
-    raise AssertionError(f"no rank {rank} worker in {cwd}")
-
-
-def test_sigterm_to_one_ddp_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path):
-    """A scheduler may signal one process of a job: the stop is agreed in the step's collective, so the first rank
-    checkpoints that step and every rank exits, instead of one rank waiting forever for the other."""
-    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                            "29519", str(ROOT / "sa.py"), *SA_SMALL, "--steps", "100000", "--log-every", "1",
-                            "--ckpt-every", "100000", "--out", "run"], cwd=tmp_path, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True,
-                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
-    log, deadline = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 120
-    while not (log.exists() and len(log.read_text().splitlines()) >= 5) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    os.kill(worker_of_rank(1, tmp_path), signal.SIGTERM)
-    said = job.communicate(timeout=120)[0]
-    assert job.returncode != 0   # torchrun reports its workers' exit code 143
-    stopped = trainlib.load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"]
-    assert f"stopped at step {stopped} (SIGTERM)" in said
-    assert max(r["step"] for r in records(tmp_path / "run")) == stopped
 
 
 def test_a_run_killed_before_its_first_checkpoint_does_not_block_the_next(tmp_path, monkeypatch, capsys):
