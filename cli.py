@@ -67,14 +67,21 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (use 1/0, true/false, yes/no, on/off)")
 
 
+def optional_of(hint):
+    """T for an `T | None` field, else None."""
+    options = typing.get_args(hint)
+    if typing.get_origin(hint) in (types.UnionType, typing.Union) and type(None) in options:
+        return next(a for a in options if a is not type(None))
+    return None
+
+
 def flag_parser(hint) -> Callable[[str], Any]:
     """How a flag's text becomes the field's type: bool, int, float, str, a tuple of ints as "1,2,3", or
     "none" for an optional field."""
     if hint is bool:
         return parse_bool
-    options = typing.get_args(hint)
-    if typing.get_origin(hint) in (types.UnionType, typing.Union) and type(None) in options:
-        inner = flag_parser(next(a for a in options if a is not type(None)))
+    if (value_type := optional_of(hint)) is not None:
+        inner = flag_parser(value_type)
         return lambda text: None if text.lower() == "none" else inner(text)
     if typing.get_origin(hint) is tuple:
         return lambda text: tuple(int(v) for v in text.split(","))
@@ -83,8 +90,7 @@ def flag_parser(hint) -> Callable[[str], Any]:
 
 def metavar(hint) -> str:
     """What --help shows a flag to take: N, X, TEXT, 0|1, N,N,..."""
-    options = [a for a in typing.get_args(hint) if a is not type(None)]
-    hint = options[0] if typing.get_origin(hint) in (types.UnionType, typing.Union) else hint
+    hint = optional_of(hint) or hint
     if typing.get_origin(hint) is tuple:
         return "N,N,..."
     return {bool: "0|1", int: "N", float: "X"}.get(hint, "TEXT")
@@ -150,12 +156,11 @@ RETIRED = {"enc_stride": 1, "broadcast_size": 8, "full_res_layers": 1, "attn_fro
 
 def without_retired(cls, stored: dict, path: str | Path) -> dict:
     """stored (a checkpoint's config dict, nested configs as dicts) less the retired settings it may hold."""
-    known = set(typing.get_type_hints(cls))
-    kept = {}
+    hints, kept = typing.get_type_hints(cls), {}
     for key, value in stored.items():
-        if isinstance(value, dict) and key in known:
-            kept[key] = without_retired(typing.get_type_hints(cls)[key], value, path)
-        elif key in RETIRED and key not in known:
+        if isinstance(value, dict) and key in hints:
+            kept[key] = without_retired(hints[key], value, path)
+        elif key in RETIRED and key not in hints:
             if value != RETIRED[key]:
                 raise InputError(f"{path} was trained with {flag(key)} {value}, a setting this version no longer "
                                  f"has (it always uses {RETIRED[key]}); use the version that wrote it")
@@ -179,8 +184,9 @@ def parse_command_line(cls, presets: dict, argv: list[str], description: str, ki
     --preset applies a named dict of overrides; --resume / --ckpt start from that checkpoint's config instead
     (a --preset beside them is ignored, and says so); explicit flags always win."""
     command = argv.pop(0) if argv and argv[0] in commands else commands[0]
+    # a flag and its help on one line where they fit, so --help stays short
     p = argparse.ArgumentParser(description=description, formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(
-        prog, max_help_position=36, width=120))   # a flag and its help on one line where they fit: --help is short
+        prog, max_help_position=36, width=120))
     p.add_argument("--preset", choices=sorted(presets), help="a named set of overrides (explicit flags still win)")
     p.add_argument("--resume", help="train: continue exactly from this checkpoint (its settings, model, optimiser, "
                                     "step and random state); auto: from --out's checkpoint if there is one, else "

@@ -4,14 +4,14 @@ Attention (sa.py, masks from the decoder) and SlotDiffusion (slotdiff.py, masks 
     .venv/bin/python bench/bench_learning.py --data synthetic-clevr --minutes 20 --variants cpu gaussian-init implicit
     .venv/bin/python bench/bench_learning.py --variants cpu slotdiff slotdiff-warm5 --minutes 15
     .venv/bin/python bench/bench_learning.py --variants cpu "lr2e-3: lr=2e-3 warmup=200" --seeds 0 1
-    .venv/bin/python bench/bench_learning.py --data suite --variants cpu sbd --minutes 20   # every embedded family
+    .venv/bin/python bench/bench_learning.py --data suite --variants cpu xavier --minutes 20   # every embedded family
 
 A variant is a named set of config overrides on top of `--preset` (VARIANTS below, or "name: key=value ..." with
 the script's flag names). `--data` takes several datasets, or `suite` for every embedded family
 (data.SYNTHETIC): each variant trains on each, and a summary table gives each family's final and peak FG-ARI and
 the worst family's, the score a preset is chosen on. `model=slotdiff` makes it a SlotDiffusion run;
-`warm_minutes=M` trains sa.py for its first M minutes and then continues as SlotDiffusion whose slot encoder starts from that one (slotdiff.py
---encoder-from, at equal total minutes). Variants train in turn, `--slice` seconds each (round robin), so a
+`warm_minutes=M` trains sa.py for its first M minutes and then continues as SlotDiffusion whose slot encoder
+starts from that one (slotdiff.py --encoder-from, at equal total minutes). Variants train in turn, `--slice` seconds each (round robin), so a
 machine that slows down slows every variant alike; a variant's minutes count only its own training steps
 (compilation included; evaluation and SlotDiffusion's one-off VQ-VAE training excluded). Every `--eval-minutes`
 of a variant's training it is scored on the same first `--val-images` val scenes, and the JSON and the PNG are
