@@ -40,9 +40,10 @@ bench: $(STAMP)
 
 # Compositional generation, clean-fid FID against val: fid-sa through the exported SBD on ONNX Runtime; fid samples
 # on ONNX Runtime's CUDA provider on a GPU, and on a CPU on whichever of ONNX Runtime / PyTorch it
-# measures faster there.
+# measures faster there. SAMPLER=ddim|dpm-solver++ STEPS=N: a fast ODE solver instead of 1000-step DDPM.
 fid: $(STAMP)
-	$(PY) export.py fid --ckpt $(OUT)/slotdiff/ckpt.pt
+	$(PY) export.py fid --ckpt $(OUT)/slotdiff/ckpt.pt $(if $(SAMPLER),--sampler $(SAMPLER)) \
+		$(if $(STEPS),--sample-steps $(STEPS))
 
 fid-sa: $(STAMP)
 	$(PY) export.py fid-sa --ckpt $(OUT)/sa/ckpt.pt

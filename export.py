@@ -4,6 +4,7 @@
     python export.py --ckpt runs/slotdiff/ckpt.pt --format onnx   # UNet denoiser, one DDPM step, VAE decoder
     python export.py --ckpt CKPT --format torchscript|pt2 [--fp16]
     python export.py fid --ckpt runs/slotdiff/ckpt.pt [--backend auto|onnxruntime|torch]   # generation + FID
+    python export.py fid --ckpt runs/slotdiff/ckpt.pt --sampler dpm-solver++ --sample-steps 20
     python export.py fid-sa --ckpt runs/sa/ckpt.pt
 
 Files land next to the checkpoint, named after it: runs/sa/ckpt_decoder.onnx, runs/slotdiff/ckpt_unet.onnx, ...
@@ -24,7 +25,10 @@ Choices, and why:
     vae.VQVAE.decode: the latents a sampler produces go in, an image in about [-1, 1] comes out.
   * For the ORT sampler a second slotdiff graph, ddpm_step, holds one whole ancestral step (UNet + posterior
     update): per step the host only draws the noise and binds tensors. Noise comes from torch, with the
-    generator and order of slotdiff.Diffusion.sample, so both samplers give the same images for a seed.
+    generator and order of slotdiff.Diffusion.sample, so both samplers give the same images for a seed. A DDIM
+    step has the same form (no noise), so it runs on that graph too; DPM-Solver++ keeps the previous step's x0,
+    so there ORT runs the unet graph and slotdiff.Diffusion.sample does the update in torch (a few elementwise
+    ops per step beside the UNet).
   * --fp16 keeps float32 graph inputs and outputs and runs the network in fp16 inside (weights cast, a cast at
     the entrance of every layer), so the sampler's 1000-step state and update stay fp32, as under autocast.
     It is meant for GPUs; ORT's CPU provider runs fp16 graphs by casting most ops back to fp32, so the CPU
@@ -366,24 +370,25 @@ def expected_inputs(graph: Graph) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# DDPM sampling with ONNX Runtime
+# sampling with ONNX Runtime
 
 @torch.no_grad()
 def ort_sample(session, diffusion: slotdiff.Diffusion, slots: torch.Tensor, latent_shape: tuple[int, int, int],
-               seed: int = 0, steps: int | None = None, progress: bool = True) -> torch.Tensor:
+               seed: int = 0, steps: int | None = None, sampler: str = "ddpm", progress: bool = True) -> torch.Tensor:
     """slotdiff.Diffusion.sample with the ddpm_step graph on ONNX Runtime: same chain, same noise for a seed.
     Everything stays on the slots' device (CPU, or the GPU with the CUDA provider): the latents ping-pong between
     two buffers that ORT reads and writes in place, and the noise is drawn there by torch."""
     device, batch = slots.device, slots.shape[0]
-    ts, coefs = diffusion.step_coefficients(steps)   # validates steps
+    ts, coefs = diffusion.step_coefficients(steps, sampler)   # validates steps
     steps = len(ts)
     ts, coefs = ts.to(device)[:, None].expand(-1, batch).contiguous(), coefs.float().to(device)
     generator = torch.Generator(device).manual_seed(seed)
     x = torch.randn((batch, *latent_shape), generator=generator, device=device)
     x_next, noise = torch.empty_like(x), torch.empty_like(x)
     slots = slots.float().contiguous()
-    for i in tqdm(range(steps), desc="ddpm (onnxruntime)", disable=not progress, leave=False):
-        if i < steps - 1:   # as Diffusion.sample: no noise (and no draw from the generator) at the last step
+    draws = (coefs[:, 2] != 0).tolist()
+    for i in tqdm(range(steps), desc=f"{sampler} (onnxruntime)", disable=not progress, leave=False):
+        if draws[i]:   # as Diffusion.sample: no noise (and no draw from the generator) where sigma is 0
             torch.randn(x.shape, generator=generator, device=device, out=noise)
         else:
             noise.zero_()
@@ -449,15 +454,25 @@ def fid_sa(ckpt: Path, num_gen: int | None, device: torch.device) -> float:
 def ort_sampler(ckpt: Path, cfg: slotdiff.SDConfig, model: slotdiff.SlotDiffusion, vqvae,
                 device: torch.device) -> tuple[Callable, Callable]:
     """sample(slots, latent_shape, seed, steps=None, progress=True) and decode(latents) for slotdiff.generate, on
-    ONNX Runtime (as slotdiff.pytorch_sampler's sample on PyTorch)."""
+    ONNX Runtime (as slotdiff.pytorch_sampler's sample on PyTorch), with cfg.sampler."""
     graphs = {graph.name: graph for graph in slotdiff_graphs(cfg, model, vqvae, with_step=True)}
-    step_session = ort_session(onnx_file(ckpt, graphs["ddpm_step"]), device)
+    multistep = cfg.sampler == "dpm-solver++"
+    step_session = ort_session(onnx_file(ckpt, graphs["unet" if multistep else "ddpm_step"]), device)
     decoder_session = ort_session(onnx_file(ckpt, graphs["vae_decoder"]), device)
     resolution = cfg.encoder.resolution
 
+    def unet(x: torch.Tensor, t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        eps = torch.empty_like(x)
+        run_bound(step_session, dict(x=x, t=t, slots=slots.float()), dict(eps=eps))
+        return eps
+
     def sample(slots: torch.Tensor, shape: tuple[int, int, int], seed: int, steps: int | None = None,
                progress: bool = True) -> torch.Tensor:
-        return ort_sample(step_session, model.diffusion, slots, shape, seed=seed, steps=steps or cfg.sample_steps,
+        steps = steps or cfg.sample_steps
+        if multistep:
+            return model.diffusion.sample(unet, slots, shape, seed=seed, steps=steps, sampler=cfg.sampler,
+                                          progress=progress)
+        return ort_sample(step_session, model.diffusion, slots, shape, seed=seed, steps=steps, sampler=cfg.sampler,
                           progress=progress)
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
@@ -496,7 +511,7 @@ def pick_sampler(backend: str, ckpt: Path, cfg: slotdiff.SDConfig, model: slotdi
         backend, why = "torch", "this ONNX Runtime has no CUDA provider; onnxruntime-gpu would sample there"
     elif backend == "auto":
         on_ort, on_torch = ort_sampler(ckpt, cfg, model, vqvae, device), slotdiff.pytorch_sampler(model, cfg, device)
-        print(f"timing DDPM steps of ONNX Runtime fp32 and {torch_name} at batch {batch}...", flush=True)
+        print(f"timing {cfg.sampler} steps of ONNX Runtime fp32 and {torch_name} at batch {batch}...", flush=True)
         shape = (vqvae.cfg.embed_dim, *[cfg.encoder.resolution // vqvae.cfg.downsample] * 2)
         times = ms_per_step(dict(onnxruntime=on_ort[0], torch=on_torch), slots.to(device), shape)
         backend = min(times, key=times.get)
@@ -513,11 +528,13 @@ def pick_sampler(backend: str, ckpt: Path, cfg: slotdiff.SDConfig, model: slotdi
 
 
 def fid_slotdiff(ckpt: Path, num_gen: int | None, sample_steps: int | None, device: torch.device,
-                 backend: str = "auto") -> float:
-    """slotdiff.py's compositional generation (1000-step DDPM, VAE decode) on the fastest backend, then FID."""
+                 backend: str = "auto", sampler: str | None = None) -> float:
+    """slotdiff.py's compositional generation (the checkpoint's sampler, 1000-step DDPM by default, or `sampler`
+    with `sample_steps`; VAE decode) on the fastest backend, then FID."""
     require_checkpoint(ckpt, "`python slotdiff.py --preset cpu --out runs/slotdiff`")
     cfg, model, vqvae, _ = slotdiff.load(ckpt, device=device)
-    cfg = replace(cfg, sample_steps=sample_steps or cfg.sample_steps)
+    cfg = replace(cfg, sampler=sampler or cfg.sampler, sample_steps=sample_steps or cfg.sample_steps)
+    slotdiff.check_sample_steps(cfg.sample_steps or cfg.diffusion.timesteps, cfg.sampler, cfg.diffusion.timesteps)
     resolution = cfg.encoder.resolution
     train_set = load_split(cfg.data, "train", resolution, cfg.num_train)
     val_set = load_split(cfg.data, "val", resolution, cfg.num_val)
@@ -527,7 +544,7 @@ def fid_slotdiff(ckpt: Path, num_gen: int | None, sample_steps: int | None, devi
     chunk = slots[:slotdiff.sampling_chunk(len(slots), cfg.sample_batch)]   # timed at the shape generate samples
     label, sample, decode = pick_sampler(backend, ckpt, cfg, model, vqvae, device, chunk)
     images = slotdiff.generate(model, vqvae, slots, cfg, device, sample=sample, decode=decode)
-    return report_fid(images, val_set.images, ckpt, device, label)
+    return report_fid(images, val_set.images, ckpt, device, f"{label}, {slotdiff.sampler_name(cfg)}")
 
 
 def report_fid(generated: np.ndarray, real: np.ndarray, ckpt: Path, device: torch.device,
@@ -553,10 +570,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--format", choices=sorted(FORMATS), default="onnx", help="export: the file format")
     p.add_argument("--fp16", action="store_true", help="export: fp16 network inside float32 inputs/outputs (GPU)")
     p.add_argument("--num-gen", type=int, help="fid: images to generate (default: as many as val images)")
-    p.add_argument("--sample-steps", type=int, help="fid: a respaced DDPM chain of this many steps (default: all T)")
+    p.add_argument("--sampler", choices=slotdiff.SAMPLERS, help="fid: the sampler (default: the checkpoint's, ddpm)")
+    p.add_argument("--sample-steps", type=int, help="fid: steps of the sampler's chain (default: all T)")
     p.add_argument("--device", default="auto", help="fid: where the encoder and ONNX Runtime run")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="fid: DDPM sampling on ONNX Runtime, PyTorch, or (auto) the faster of the two, timed on this "
+                   help="fid: sampling on ONNX Runtime, PyTorch, or (auto) the faster of the two, timed on this "
                         "machine (ONNX Runtime's CUDA provider on a GPU)")
     args = p.parse_args(argv)
     try:
@@ -570,7 +588,7 @@ def main(argv: list[str] | None = None) -> None:
         if command == "fid-sa" or args.backend == "onnxruntime":
             require_ort_on(device)   # before the export and the slot library, not after them
         if command == "fid":
-            fid_slotdiff(Path(args.ckpt), args.num_gen, args.sample_steps, device, args.backend)
+            fid_slotdiff(Path(args.ckpt), args.num_gen, args.sample_steps, device, args.backend, args.sampler)
         else:
             fid_sa(Path(args.ckpt), args.num_gen, device)
     except InputError as e:

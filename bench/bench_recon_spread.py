@@ -51,7 +51,7 @@ def main() -> None:
         device = torch.device("cpu")
         cfg, model, vqvae, state = slotdiff.load(args.ckpt, device=device)
         if args.sample_steps:
-            slotdiff.respacing_stride(args.sample_steps, cfg.diffusion.timesteps)
+            slotdiff.check_sample_steps(args.sample_steps, "ddpm", cfg.diffusion.timesteps)
         scenes = load_split(cfg.data, "val", cfg.encoder.resolution, cfg.num_val)
     except InputError as e:
         sys.exit(f"error: {e}")

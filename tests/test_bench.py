@@ -106,6 +106,15 @@ def test_slotdiff_from_scratch_and_warm_started_from_slot_attention(tmp_path):
     assert parts["scenes"] == 4 and parts["sample_steps"] == 10 and parts["spread"] > 0
     # the decomposition of the mean per-sample error is exact for n samples: mean + (n - 1) / n * spread
     assert abs(parts["per_sample"] - parts["mean_vs_input"] - 2 / 3 * parts["spread"]) < 1e-5
+    samplers = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_samplers.py"), "--ckpt",
+                               str(tmp_path / "curves-sd" / "ckpt.pt"), "--images", "4", "--samplers", "ddpm:10",
+                               "dpm-solver++:3", "--backend", "torch", "--out", str(tmp_path / "samplers.json")],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert samplers.returncode == 0, samplers.stderr
+    rows = json.loads((tmp_path / "samplers.json").read_text())["rows"]
+    assert [(r["sampler"], r["steps"]) for r in rows] == [("ddpm", 10), ("dpm-solver++", 3)]
+    assert all(r["s_per_image"] > 0 and r["recon_mse"] > 0 and r["comp_fid"] > 0 for r in rows)
+    assert "| dpm-solver++ | 3 |" in samplers.stdout
 
 
 def test_interior_pixels_exclude_every_pixel_touching_another_object():

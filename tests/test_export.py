@@ -276,6 +276,21 @@ def test_sampling_backends_give_the_same_samples_and_auto_says_which_it_took(ckp
                         r"(PyTorch eager fp32|ONNX Runtime fp32) [\d.]+, measured just now at batch 4\)", chosen)
 
 
+def test_ode_samplers_give_the_same_samples_on_both_backends(ckpts, tmp_path):
+    """DDIM runs on the ddpm_step graph (its rows have sigma 0), DPM-Solver++ on the unet graph with the update in
+    torch: each must give the images the PyTorch sampler gives for a seed."""
+    ckpt = sd_copy(ckpts, tmp_path)
+    cfg, model, vqvae = loaded_slotdiff(ckpts)
+    slots = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(0))
+    for sampler in ("ddim", "dpm-solver++"):
+        cfg = dataclasses.replace(cfg, amp=False, compile=False, sampler=sampler, sample_steps=4)
+        samples = {backend: export.pick_sampler(backend, ckpt, cfg, model, vqvae, torch.device("cpu"), slots)[1](
+            slots, (3, 8, 8), 3) for backend in ("onnxruntime", "torch")}
+        assert samples["torch"].abs().max() > 0.1
+        torch.testing.assert_close(samples["onnxruntime"], samples["torch"],
+                                   atol=1e-4 * samples["torch"].abs().max().item(), rtol=1e-4)
+
+
 def test_pytorch_sampler_announces_and_times_its_compilation_once(ckpts, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)   # the compile time is recorded under ./.cache/inductor
     monkeypatch.setattr(trainlib, "compile_model", lambda model, enabled=True: model)   # the path, not inductor

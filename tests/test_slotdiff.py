@@ -223,8 +223,46 @@ def test_respaced_chain_is_strided_and_ends_at_the_last_timestep():
     assert ts.tolist() == list(range(99, 1000, 100))
     torch.testing.assert_close(a_bar_prev[1:], diffusion.alphas_cumprod64[ts[:-1]])
     assert torch.equal(diffusion.chain()[0], torch.arange(1000))   # all T: the plain chain
-    with pytest.raises(InputError, match="must divide the 1000-step schedule; use one of 1, 2, 4, 5, 8"):
+    with pytest.raises(InputError, match="must divide the 1000-step schedule for DDPM; use one of 1, 2, 4, 5, 8"):
         diffusion.chain(300)
+
+
+def test_ode_chain_is_even_in_log_snr_from_the_last_timestep_to_the_first():
+    diffusion = Diffusion(DiffusionConfig())
+    ts, a_bar, a_bar_prev = diffusion.chain(20, "dpm-solver++")
+    assert ts[0] == 0 and ts[-1] == 999 and len(ts) == 20 and (ts.diff() > 0).all()
+    log_snr = 0.5 * torch.log(a_bar / (1 - a_bar))
+    steps = log_snr.diff()
+    assert steps.max() / steps.min() < 1.5                  # even up to rounding t to whole timesteps
+    assert diffusion.chain(300, "ddim")[0].numel() <= 300   # any number of steps, not only divisors of T
+
+
+def gaussian_data_unet(diffusion: Diffusion, mean: float, std: float):
+    """The exact epsilon-prediction when the data are N(mean, std^2) in every dimension: E[eps | x_t] =
+    sqrt(1 - a_bar) (x_t - sqrt(a_bar) mean) / (a_bar std^2 + 1 - a_bar)."""
+    def unet(x, t, slots):
+        a_bar = diffusion.alphas_cumprod64[t].view(-1, 1, 1, 1)
+        return ((1 - a_bar).sqrt() * (x.double() - a_bar.sqrt() * mean) / (a_bar * std ** 2 + 1 - a_bar)).float()
+    return unet
+
+
+def test_ode_samplers_solve_the_probability_flow_ode_of_gaussian_data():
+    """For Gaussian data the probability-flow ODE (Song et al. 2021) is affine and keeps each value's standard
+    score: x_T maps to mean + std * (x_T - sqrt(a_bar_T) mean) / sqrt(a_bar_T std^2 + 1 - a_bar_T), exactly.
+    DDIM (first order) and DPM-Solver++(2M) (second order) must converge to it, the second much faster."""
+    diffusion, mean, std = Diffusion(DiffusionConfig()), 0.5, 0.3
+    unet, slots = gaussian_data_unet(diffusion, mean, std), torch.zeros(64, 1, 1)
+    x_T = torch.randn((64, 1, 4, 4), generator=torch.Generator().manual_seed(0)).double()   # sample()'s draw
+    a_bar_T = float(diffusion.alphas_cumprod64[-1])
+    exact = mean + std * (x_T - math.sqrt(a_bar_T) * mean) / math.sqrt(a_bar_T * std ** 2 + 1 - a_bar_T)
+
+    def error(sampler: str, steps: int) -> float:
+        x = diffusion.sample(unet, slots, (1, 4, 4), seed=0, steps=steps, sampler=sampler, progress=False)
+        return (x.double() - exact).abs().max().item()
+    ddim = [error("ddim", steps) for steps in (10, 20, 40)]
+    assert ddim[0] > ddim[1] > ddim[2] and 1.6 < ddim[0] / ddim[1] < 2.4 and ddim[2] < 0.1   # first order
+    assert error("dpm-solver++", 10) < 0.015 and error("dpm-solver++", 20) < 0.005            # about 25-50x closer
+    assert error("ddim", 1000) < 0.03     # the last step's x0 = E[x_0 | x_1] is the only error left
 
 
 def test_one_optimisation_step_lowers_the_loss():
