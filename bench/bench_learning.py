@@ -4,7 +4,7 @@ Attention (sa.py, masks from the decoder) and SlotDiffusion (slotdiff.py, masks 
     .venv/bin/python bench/bench_learning.py --data synthetic-clevr --minutes 20 --variants cpu gaussian-init implicit
     .venv/bin/python bench/bench_learning.py --variants cpu slotdiff slotdiff-warm5 --minutes 15
     .venv/bin/python bench/bench_learning.py --variants cpu "lr2e-3: lr=2e-3 warmup=200" --seeds 0 1
-    .venv/bin/python bench/bench_learning.py --data suite --variants cpu xavier --minutes 20   # every embedded family
+    .venv/bin/python bench/bench_learning.py --data suite --variants cpu torch-init --minutes 20   # every family
 
 A variant is a named set of config overrides on top of `--preset` (VARIANTS below, or "name: key=value ..." with
 the script's flag names). `--data` takes several datasets, or `suite` for every embedded family
@@ -43,7 +43,7 @@ VARIANTS = {
     "cpu": {},
     "gaussian-init": dict(slot_init="gaussian", slot_grad="full"),   # the paper's slot initialisation
     "implicit": dict(slot_init="gaussian", slot_grad="implicit"),   # Chang et al. 2022 instead of BO-QSA
-    "xavier": dict(weight_init="xavier"),                           # the official code's layer init
+    "torch-init": dict(weight_init="torch"),                        # PyTorch's layer init (the preset's before 12-05)
     "batch32": dict(batch_size=32),
     "slotdiff": dict(model="slotdiff", encoder_delay=0, encoder_steps=0),   # from scratch: the encoder trains throughout
     "slotdiff-warm5": dict(model="slotdiff", warm_minutes=5.0),
