@@ -259,6 +259,8 @@ def test_encoder_from_takes_a_matching_sa_encoder_and_names_every_difference(ckp
     other = sa.EncoderConfig(**dict(trained, enc_channels=16, slot_init="learned"))
     with pytest.raises(InputError, match=r"--slot-init learned here, gaussian there; --enc-channels 16 here, 8 there"):
         slotdiff.trained_encoder(str(ckpts / "sa.pt"), other)
+    other_init = "xavier" if trained["weight_init"] == "torch" else "torch"   # overwritten by the loaded weights
+    slotdiff.trained_encoder(str(ckpts / "sa.pt"), sa.EncoderConfig(**dict(trained, weight_init=other_init)))
 
 
 def test_an_environment_that_cannot_compute_fid_is_refused_before_training(tmp_path, monkeypatch):

@@ -251,3 +251,25 @@ def test_the_end_of_a_run_says_when_its_segmentation_fell_well_below_its_peak():
     assert note == ("note: val FG-ARI (periodic eval subset) ended at 0.700, 0.100 below its peak of 0.800 at step "
                     "200; the checkpoint holds the last step")
     assert trainlib.decline_note([{"step": 1, "train_loss": 0.1}]) is None   # no masks, no scores
+
+
+def test_training_bar_eta_is_the_budget_left_even_after_an_evaluation_pause(monkeypatch):
+    """Under a time budget the bar's ETA must be the time left of it, at every update after the first half
+    minute: 20 steps a second with a 1.5 s evaluation pause (tqdm's default smoothing and a 1000-unit bar were off
+    by up to a minute, and showed 22 minutes left of 20 on a real run)."""
+    clock = [1000.0]
+    monkeypatch.setattr(trainlib.time, "monotonic", lambda: clock[0])
+    progress = trainlib.TrainProgress(0, 100_000, minutes=20)
+    bar = progress.bar
+    bar._time = lambda: clock[0]                       # tqdm's own clock
+    bar.start_t = bar.last_print_t = clock[0]
+    errors = []
+    for step in range(1, 2000):
+        clock[0] += 0.05 + (1.5 if step == 560 else 0)
+        progress.update(step)
+        meter, elapsed = bar.format_dict, clock[0] - 1000
+        if elapsed > 30:
+            rate = meter["rate"] or meter["n"] / meter["elapsed"]
+            errors.append(abs((meter["total"] - meter["n"]) / rate - (20 * 60 - elapsed)))
+    progress.close()
+    assert max(errors) < 2
