@@ -296,11 +296,11 @@ class Diffusion(nn.Module):
                steps: int | None = None, sampler: str = "ddpm", progress: bool = True) -> torch.Tensor:
         """One latent per slot set, from x_T ~ N(0, I) (drawn from `seed`) down the chain of `steps` timesteps
         (all T by default: the assignment's DDPM; see `chain`). unet(x, t, slots) -> eps."""
-        ts, coefs = self.step_coefficients(steps, sampler)
         generator = torch.Generator(slots.device).manual_seed(seed)
         x = torch.randn((slots.shape[0], *latent_shape), generator=generator, device=slots.device)
-        if sampler == "dpm-solver++":
-            return self.dpm_solver_pp(unet, x, slots, ts, progress)
+        if sampler == "dpm-solver++":   # a multistep solver: no per-step rows
+            return self.dpm_solver_pp(unet, x, slots, self.chain(steps, sampler)[0].flip(0), progress)
+        ts, coefs = self.step_coefficients(steps, sampler)
         for t, step_coefs in tqdm(zip(ts.tolist(), coefs.tolist()), total=len(ts), desc=sampler,
                                   disable=not progress, leave=False):
             eps = unet(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), slots).float()

@@ -74,6 +74,7 @@ def main() -> None:
     chunk = slots[:slotdiff.sampling_chunk(len(slots), cfg.sample_batch)]
 
     rows = []
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for sampler, steps in chains:
         run_cfg = dataclasses.replace(cfg, sampler=sampler, sample_steps=steps)
         label, sample, decode = export.pick_sampler(args.backend, ckpt, run_cfg, model, vqvae, device, chunk)
@@ -87,7 +88,6 @@ def main() -> None:
                          recon_fid=metrics.fid(val_stats, metrics.fid_stats(recon, str(device), name="recon")),
                          recon_mse=F.mse_loss(from_uint8(recon), inputs).item()))
         print(json.dumps(rows[-1]), flush=True)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(dict(ckpt=str(ckpt), step=state["step"], images=args.images,
                                                   rows=rows), indent=1))
 
@@ -97,7 +97,8 @@ def main() -> None:
           f"|---|---|---|---|---|---|---|")
     for r in rows:
         speedup = base["s_per_image"] / r["s_per_image"]
-        print(f"| {r['sampler']} | {r['steps']} | {r['s_per_image']:.3f} | {speedup:.1f}x | {r['comp_fid']:.1f} | {r['recon_fid']:.1f} | {r['recon_mse']:.4f} |")
+        print(f"| {r['sampler']} | {r['steps']} | {r['s_per_image']:.3f} | {speedup:.1f}x | {r['comp_fid']:.1f} "
+              f"| {r['recon_fid']:.1f} | {r['recon_mse']:.4f} |")
     print(f"(speed-up and the rest against the first row; backend: {base['backend']}; JSON: {args.out})")
 
 
