@@ -20,14 +20,15 @@ demo: $(STAMP)
 	$(PY) data.py --preview $(OUT)/data_preview.png --data synthetic-clevr --resolution 32
 	$(PY) sa.py --preset cpu --out $(OUT)/sa
 
-# Part 2: SlotDiffusion (cpu preset) starts its slot encoder from Part 1's: $(OUT)/sa from `make demo` when it
-# exists, else 8 minutes of sa.py first (from scratch, the denoising loss alone does not bind slots to objects
-# within CPU minutes: docs/results.md). Then a small VQ-VAE (4000 steps or 7 minutes; trained once, cached),
-# 17 minutes of SlotDiffusion, and the evaluation with 1000-step DDPM + FID.
-ENCODER = $(if $(wildcard $(OUT)/sa/ckpt.pt),$(OUT)/sa/ckpt.pt,$(OUT)/sa-encoder/ckpt.pt)
+# Part 2: SlotDiffusion (cpu preset) starts its slot encoder from a Slot Attention run of its own, the cpu preset
+# with PyTorch's layer init (20 minutes, kept in $(OUT)/sa-encoder): the denoising loss alone does not bind slots
+# to objects within CPU minutes, and the Glorot-init encoder of `make demo` finds the objects with its decoder's
+# masks while its attention maps, which SlotDiffusion is scored on, sit beside them (docs/results.md). Then a small
+# VQ-VAE (4000 steps or 7 minutes; trained once, cached), 17 minutes of SlotDiffusion, and the evaluation with
+# 1000-step DDPM + FID.
 demo-diffusion: $(STAMP)
-	test -f $(ENCODER) || $(PY) sa.py --preset cpu --max-minutes 8 --no-eval --out $(OUT)/sa-encoder
-	$(PY) slotdiff.py --preset cpu --max-minutes 17 --encoder-from $(ENCODER) --out $(OUT)/slotdiff
+	test -f $(OUT)/sa-encoder/ckpt.pt || $(PY) sa.py --preset cpu --weight-init torch --no-eval --out $(OUT)/sa-encoder
+	$(PY) slotdiff.py --preset cpu --max-minutes 17 --encoder-from $(OUT)/sa-encoder/ckpt.pt --out $(OUT)/slotdiff
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

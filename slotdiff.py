@@ -125,7 +125,8 @@ PRESETS = {
     "paper": dict(encoder=EncoderConfig(resolution=128), unet=UNetConfig(), batch_size=64, warmup=12_500,
                   steps=250_000),
     # a 2-core CPU; why each setting, with its measurement: docs/results.md, "Part 2: SlotDiffusion on 2 CPU cores"
-    "cpu": dict(encoder=sa.PRESETS["cpu"]["encoder"],   # sa.py's cpu encoder recipe: the two compare on equal data
+    "cpu": dict(encoder=replace(sa.PRESETS["cpu"]["encoder"],   # sa.py's cpu encoder recipe, but PyTorch's init:
+                                weight_init="torch"),   # Glorot-init encoders' attention maps missed the objects
                 num_train=5_000, num_val=500,
                 latent_scale=0.0,                 # the small VAE's latents to unit std: -16% reconstruction MSE
                 compile=False,                    # 2 cores: the first compilation costs more steps than it wins back
@@ -694,7 +695,7 @@ def evaluate_loss_and_masks(model: SlotDiffusion, scenes: Scenes, latents: torch
     return dict(val_loss=loss / n, **scores.summary())
 
 
-def trained_encoder(path: str, cfg: EncoderConfig) -> dict[str, torch.Tensor]:
+def trained_encoder(path: str, cfg: EncoderConfig, quiet: bool = False) -> dict[str, torch.Tensor]:
     """The slot encoder weights of an sa.py checkpoint (Part 1), refused unless it was trained with the same encoder
     settings as this run, so that a warm start never silently reshapes or reinterprets weights."""
     state = trainlib.load_checkpoint(path, kind="sa")
@@ -704,6 +705,10 @@ def trained_encoder(path: str, cfg: EncoderConfig) -> dict[str, torch.Tensor]:
     if differing:
         raise InputError(f"--encoder-from {path}: its slot encoder was trained with other settings "
                          f"({'; '.join(differing)}); pass that checkpoint's values to slotdiff.py")
+    if trained.get("weight_init") == "xavier" and not quiet:
+        print(f"note: {path} was trained with --weight-init xavier; such an encoder's attention maps, which "
+              f"SlotDiffusion is scored on, sat beside the objects (docs/results.md); `make demo-diffusion` trains "
+              f"its encoder with --weight-init torch")
     return {key.removeprefix("encoder."): value for key, value in state["model"].items()
             if key.startswith("encoder.")}
 
@@ -722,7 +727,8 @@ def train(cfg: SDConfig, resume: str | None = None, overwrite: bool = False) -> 
     val_set = load_split(cfg.data, "val", resolution, cfg.num_val)
     check_resolution(train_set, cfg.encoder)
     cfg = replace(cfg, encoder=with_slots_for(train_set, cfg.encoder))
-    warm_start = trained_encoder(cfg.encoder_from, cfg.encoder) if cfg.encoder_from and not resume else None
+    warm_start = (trained_encoder(cfg.encoder_from, cfg.encoder, quiet=not master)
+                  if cfg.encoder_from and not resume else None)
     with master_first(ddp.world_size, master):
         cfg = replace(cfg, vae=ensure_vae(cfg, train_set))
         vqvae, vae_hash = load_frozen_vae(cfg, device)
