@@ -16,9 +16,11 @@ $(STAMP): requirements.txt requirements-nodeps.txt
 venv: $(STAMP)
 
 # Part 1 on the embedded synthetic scenes: preview the data, train Slot Attention (cpu preset), evaluate.
+# --resume auto: run again after an interruption, a target continues its checkpoint; after a finished run it
+# trains nothing more (and evaluates again, where it evaluates).
 demo: $(STAMP)
 	$(PY) data.py --preview $(OUT)/data_preview.png --data synthetic-clevr --resolution 32
-	$(PY) sa.py --preset cpu --out $(OUT)/sa
+	$(PY) sa.py --preset cpu --resume auto --out $(OUT)/sa
 
 # Part 2: SlotDiffusion (cpu preset) starts its slot encoder from a Slot Attention run of its own, the cpu preset
 # with PyTorch's layer init (20 minutes, kept in $(OUT)/sa-encoder): the denoising loss alone does not bind slots
@@ -27,8 +29,9 @@ demo: $(STAMP)
 # VQ-VAE (4000 steps or 7 minutes; trained once, cached), 17 minutes of SlotDiffusion, and the evaluation with
 # 1000-step DDPM + FID.
 demo-diffusion: $(STAMP)
-	test -f $(OUT)/sa-encoder/ckpt.pt || $(PY) sa.py --preset cpu --weight-init torch --no-eval --out $(OUT)/sa-encoder
-	$(PY) slotdiff.py --preset cpu --max-minutes 17 --encoder-from $(OUT)/sa-encoder/ckpt.pt --out $(OUT)/slotdiff
+	$(PY) sa.py --preset cpu --weight-init torch --no-eval --resume auto --out $(OUT)/sa-encoder
+	$(PY) slotdiff.py --preset cpu --max-minutes 17 --encoder-from $(OUT)/sa-encoder/ckpt.pt --resume auto \
+		--out $(OUT)/slotdiff
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
