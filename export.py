@@ -497,13 +497,17 @@ def ms_per_step(samplers: dict[str, Callable], slots: torch.Tensor, shape: tuple
     return best
 
 
+def torch_label(cfg: slotdiff.SDConfig, device: torch.device, compiled: bool) -> str:
+    return f"PyTorch {'compiled' if compiled else 'eager'} {trainlib.precision(device, cfg.amp)}"
+
+
 def pick_sampler(backend: str, ckpt: Path, cfg: slotdiff.SDConfig, model: slotdiff.SlotDiffusion, vqvae,
                  device: torch.device, slots: torch.Tensor) -> tuple[str, Callable, Callable | None]:
     """(its name, sample, decode) on the chosen backend. "auto" is ONNX Runtime on a GPU (CUDA provider, I/O
     binding); on a CPU it times a few DDPM steps of each backend on `slots` (one sampling batch) and takes the
     faster, since which one wins depends on the processor (ORT's CPU provider has no bf16 kernels, inductor has)."""
     batch = len(slots)
-    torch_name = f"PyTorch {'compiled' if cfg.compile else 'eager'} {trainlib.precision(device, cfg.amp)}"
+    torch_name = torch_label(cfg, device, cfg.compile)
     on_ort = on_torch = None   # the samplers the timing made, reused
     if backend == "auto" and device.type == "cuda" and ort_runs_on(device):
         backend, why = "onnxruntime", "ONNX Runtime's CUDA provider with I/O binding, the GPU path"
@@ -515,6 +519,7 @@ def pick_sampler(backend: str, ckpt: Path, cfg: slotdiff.SDConfig, model: slotdi
         shape = (vqvae.cfg.embed_dim, *[cfg.encoder.resolution // vqvae.cfg.downsample] * 2)
         times = ms_per_step(dict(onnxruntime=on_ort[0], torch=on_torch), slots.to(device), shape)
         backend = min(times, key=times.get)
+        torch_name = torch_label(cfg, device, on_torch.compiled)   # its first call may have fallen back to eager
         why = (f"{times['torch']:.1f} ms/step vs ONNX Runtime fp32 {times['onnxruntime']:.1f}" if backend == "torch"
                else f"{times['onnxruntime']:.1f} ms/step vs {torch_name} {times['torch']:.1f}")
         why += f", measured just now at batch {batch}"
@@ -544,6 +549,8 @@ def fid_slotdiff(ckpt: Path, num_gen: int | None, sample_steps: int | None, devi
     chunk = slots[:slotdiff.sampling_chunk(len(slots), cfg.sample_batch)]   # timed at the shape generate samples
     label, sample, decode = pick_sampler(backend, ckpt, cfg, model, vqvae, device, chunk)
     images = slotdiff.generate(model, vqvae, slots, cfg, device, sample=sample, decode=decode)
+    if decode is None:   # PyTorch: its first call may have found the compiled UNet wrong and sampled eagerly
+        label = torch_label(cfg, device, sample.compiled)
     return report_fid(images, val_set.images, ckpt, device, f"{label}, {slotdiff.sampler_name(cfg)}")
 
 

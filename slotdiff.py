@@ -798,7 +798,7 @@ def pytorch_sampler(model: SlotDiffusion, cfg: SDConfig, device: torch.device) -
     or `steps`) with the UNet compiled and under autocast as cfg says. A compiled UNet's first call compiles it:
     that call is made alone, announced and timed (trainlib.compile_notice), so a chain's progress bar never sits
     silent on it, and its output is checked against the eager UNet's (trainlib.check_compiled_inference): where
-    they disagree, sampling runs eagerly and says why in one line."""
+    they disagree, sampling runs eagerly and says why in one line; sample.compiled says which ran."""
     denoiser = trainlib.compile_model(model.unet, cfg.compile)
     checked = not cfg.compile
 
@@ -816,11 +816,12 @@ def pytorch_sampler(model: SlotDiffusion, cfg: SDConfig, device: torch.device) -
             trainlib.record_compile_time(SAMPLER_TITLE, time.monotonic() - start)
             if not check.ok:
                 tqdm.write(f"the compiled sampling UNet disagreed with eager: {check.reason}; sampling eagerly")
-                denoiser = model.unet
+                denoiser, sample.compiled = model.unet, False
             checked = True
         with trainlib.autocast(device, cfg.amp):
             return model.diffusion.sample(denoiser, slots, shape, seed=seed, steps=steps or cfg.sample_steps,
                                           sampler=cfg.sampler, progress=progress)
+    sample.compiled = cfg.compile
     return sample
 
 

@@ -276,6 +276,21 @@ def test_sampling_backends_give_the_same_samples_and_auto_says_which_it_took(ckp
                         r"(PyTorch eager fp32|ONNX Runtime fp32) [\d.]+, measured just now at batch 4\)", chosen)
 
 
+def test_auto_names_pytorch_eager_when_the_compiled_unet_fell_back_on_its_first_call(ckpts, tmp_path, monkeypatch,
+                                                                                     capsys):
+    monkeypatch.chdir(tmp_path)   # the compile time is recorded under ./.cache/inductor
+    monkeypatch.setattr(trainlib, "compile_model",
+                        lambda module, enabled=True: lambda x, t, slots: module(x, t, slots) * float("nan"))
+    ckpt = sd_copy(ckpts, tmp_path)
+    cfg, model, vqvae = loaded_slotdiff(ckpts)
+    cfg = dataclasses.replace(cfg, amp=False, compile=True, sample_steps=5)
+    slots = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(0))
+    label, sample, _ = export.pick_sampler("auto", ckpt, cfg, model, vqvae, torch.device("cpu"), slots)
+    out = capsys.readouterr().out
+    assert "the compiled sampling UNet disagreed with eager" in out and "PyTorch compiled" not in out.splitlines()[-1]
+    assert "PyTorch eager fp32" in out.splitlines()[-1] and label in ("ONNX Runtime", "PyTorch eager fp32")
+
+
 def test_ode_samplers_give_the_same_samples_on_both_backends(ckpts, tmp_path):
     """DDIM runs on the ddpm_step graph (its rows have sigma 0), DPM-Solver++ on the unet graph with the update in
     torch: each must give the images the PyTorch sampler gives for a seed."""
