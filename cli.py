@@ -150,8 +150,9 @@ def make_config(cls, *layers: dict):
 
 
 # Settings no preset used and that measured no better, removed from the flags: a checkpoint that stored one loads
-# when its value is the one the code now always uses (docs/results.md has the measurements).
-RETIRED = {"enc_stride": 1, "broadcast_size": 8, "full_res_layers": 1, "attn_from_level": 1}
+# when its value is the one the code now always uses (docs/results.md has the measurements). None: a setting of
+# the evaluation only, ignored at any value (num_recon: slotdiff.py now reconstructs every val image, as sa.py).
+RETIRED = {"enc_stride": 1, "broadcast_size": 8, "full_res_layers": 1, "attn_from_level": 1, "num_recon": None}
 
 
 def without_retired(cls, stored: dict, path: str | Path) -> dict:
@@ -161,7 +162,7 @@ def without_retired(cls, stored: dict, path: str | Path) -> dict:
         if isinstance(value, dict) and key in hints:
             kept[key] = without_retired(hints[key], value, path)
         elif key in RETIRED and key not in hints:
-            if value != RETIRED[key]:
+            if RETIRED[key] is not None and value != RETIRED[key]:
                 raise InputError(f"{path} was trained with {flag(key)} {value}, a setting this version no longer "
                                  f"has (it always uses {RETIRED[key]}); use the version that wrote it")
         else:

@@ -407,7 +407,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 def from_uint8(pictures: np.ndarray) -> torch.Tensor:
     """(B, H, W, 3) uint8 pictures -> float tensor in [-1, 1], channels last: to_uint8's pictures compared in the
     model's range (reconstruction MSE)."""
-    return torch.from_numpy(pictures).float() / 127.5 - 1
+    return torch.from_numpy(np.asarray(pictures, dtype=np.float32)) / 127.5 - 1   # a copy: cached splits are read-only
 
 
 def colorize_masks(masks: np.ndarray | torch.Tensor) -> np.ndarray:

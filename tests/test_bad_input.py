@@ -127,7 +127,7 @@ def test_a_checkpoint_holding_a_retired_setting_loads_at_the_kept_value_and_is_r
     stored["encoder"]["enc_stride"], stored["decoder"]["broadcast_size"] = 1, 8   # as written before they retired
     assert cli.config_from_checkpoint(sa.SAConfig, stored, "old.pt") == cli.make_config(sa.SAConfig, dict(resolution=16))
     sd_stored = asdict(cli.make_config(slotdiff.SDConfig, {}))
-    sd_stored["unet"]["attn_from_level"] = 1
+    sd_stored["unet"]["attn_from_level"], sd_stored["num_recon"] = 1, 64   # num_recon: evaluation only, any
     assert cli.config_from_checkpoint(slotdiff.SDConfig, sd_stored, "old.pt") == slotdiff.SDConfig()
     stored["encoder"]["enc_stride"] = 2
     with pytest.raises(InputError, match="old.pt was trained with --enc-stride 2, a setting this version no longer"):

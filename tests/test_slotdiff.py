@@ -402,7 +402,7 @@ TINY_CLI = ["--resolution", "16", "--num-train", "16", "--num-val", "8", "--slot
             "--slot-mlp-hidden", "16", "--enc-channels", "8", "--base-channels", "16", "--channel-mult", "1,2",
             "--num-res-blocks", "1", "--head-dim", "8", "--batch-size", "4", "--warmup", "1", "--log-every", "1",
             "--eval-every", "2", "--eval-images", "8", "--ckpt-every", "2", "--compile", "0", "--device", "cpu",
-            "--sample-steps", "5", "--sample-batch", "4", "--num-recon", "2", "--num-gen", "6", "--ema-decay", "0.9"]
+            "--sample-steps", "5", "--sample-batch", "4", "--num-gen", "6", "--ema-decay", "0.9"]
 
 
 def test_cli_trains_resumes_exactly_and_evaluates(tmp_path, tiny_vae, monkeypatch, capsys):
@@ -442,9 +442,9 @@ def test_cli_trains_resumes_exactly_and_evaluates(tmp_path, tiny_vae, monkeypatc
     assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
     result = json.loads((split / "val_metrics.json").read_text())
-    for key in ("ari", "fg_ari", "mbo", "fg_ari_one_segment_baseline", "recon_mse", "fid", "val_loss"):
+    for key in ("ari", "fg_ari", "mbo", "fg_ari_one_segment_baseline", "recon_mse", "fid", "recon_fid", "val_loss"):
         assert np.isfinite(result[key]), key
-    assert fid_inputs == [(8, 16, 16, 3), (6, 16, 16, 3)]  # val images vs the generated ones
+    assert fid_inputs == [(8, 16, 16, 3), (6, 16, 16, 3), (8, 16, 16, 3)]  # val vs generated, vs reconstructed
     assert result["fg_ari_one_segment_baseline"] == 0.0  # one segment for all pixels: FG-ARI of a constant is 0
     for name in ("loss_curves.png", "reconstructions.png", "comp_grid.png"):
         assert (split / name).stat().st_size > 0
@@ -453,7 +453,7 @@ def test_cli_trains_resumes_exactly_and_evaluates(tmp_path, tiny_vae, monkeypatc
     # `eval` re-evaluates a checkpoint with its own settings; flags override them
     slotdiff.main(["eval", "--ckpt", str(split / "ckpt.pt"), "--num-gen", "3"])
     assert json.loads((split / "val_metrics.json").read_text())["generated_images"] == 3
-    assert fid_inputs[-2:] == [(8, 16, 16, 3), (3, 16, 16, 3)]
+    assert fid_inputs[-3:] == [(8, 16, 16, 3), (3, 16, 16, 3), (8, 16, 16, 3)]
 
     # resuming a checkpoint that kept no average while --ema-decay is set: said, and the average starts there
     trainlib.save_checkpoint({k: v for k, v in b.items() if k != "ema"}, split / "ckpt.pt")
@@ -490,7 +490,7 @@ def test_a_dataset_folder_end_to_end_sa_then_slotdiff(tmp_path, tiny_vae, monkey
                "--eval-images", "6", "--compile", "0", "--amp", "0", "--device", "cpu"]
     sa.main(encoder + ["--dec-channels", "8", "--num-gen", "4", "--out", "sa_run"])
     sd_only = ["--base-channels", "16", "--channel-mult", "1,2", "--num-res-blocks", "1", "--head-dim", "8",
-               "--sample-steps", "5", "--sample-batch", "4", "--num-recon", "2", "--num-gen", "4"]
+               "--sample-steps", "5", "--sample-batch", "4", "--num-gen", "4"]
     slotdiff.main(encoder + sd_only + ["--vae", tiny_vae, "--encoder-from", "sa_run/ckpt.pt", "--out", "sd_run"])
     out = capsys.readouterr().out
     most = int(data.load_split(str(tmp_path / "mydata"), "train", 16).masks.max())   # ids are 0..n per image
