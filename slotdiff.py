@@ -830,8 +830,8 @@ def sampler_name(cfg: SDConfig) -> str:
 
 def sampling_chunk(n: int, sample_batch: int) -> int:
     """Scenes per DDPM chunk when sampling n: as few chunks as sample_batch allows, of equal size, so that padding
-    the last wastes less than one scene per chunk (evaluate's 64 + 500 in chunks of 250 would pad 186 scenes: a
-    quarter of the 1000-step chains for nothing; in chunks of 188, none)."""
+    the last wastes less than one scene per chunk (564 scenes in chunks of 250 would pad 186: a quarter of the
+    1000-step chains for nothing; in chunks of 188, none)."""
     return math.ceil(n / math.ceil(n / sample_batch))
 
 
