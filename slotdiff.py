@@ -939,6 +939,8 @@ def evaluate(ckpt: str | Path, cfg: SDConfig | None = None, out: str | Path | No
     result["fid"], val_stats = save_and_score_composed(generated, val_set, out, device)
     # SlotDiffusion's claim against a mixture decoder: sharper reconstructions, compared by this FID with sa.py's
     result["recon_fid"] = metrics.fid(val_stats, metrics.fid_stats(recon, str(device), name="reconstructed"))
+    # the floor of that FID: a sampled reconstruction cannot be sharper than the frozen VAE's own decode
+    result["vae_recon_fid"] = metrics.fid(val_stats, metrics.fid_stats(vae_recon, str(device), name="VAE-decoded"))
     result.update(step=state["step"], val_images=len(val_set), generated_images=n, comp_sample=cfg.comp_sample,
                   sampler=cfg.sampler, sample_steps=cfg.sample_steps or cfg.diffusion.timesteps)
     (out / "val_metrics.json").write_text(json.dumps(result, indent=2))
@@ -947,7 +949,7 @@ def evaluate(ckpt: str | Path, cfg: SDConfig | None = None, out: str | Path | No
           f"{result['val_loss']:.5f}\nreconstruction MSE ({len(val_set)} images, [-1,1]): {result['recon_mse']:.4f} "
           f"(VAE alone {result['vae_recon_mse']:.4f})\ncompositional FID ({n} generated vs {len(val_set)} val, "
           f"{cfg.comp_sample} sampling, {sampler_name(cfg)}): {result['fid']:.2f}   reconstruction FID (val decoded "
-          f"from its own slots): {result['recon_fid']:.2f}\nwrote {out}/val_metrics.json, "
+          f"from its own slots): {result['recon_fid']:.2f} (VAE alone {result['vae_recon_fid']:.2f})\nwrote {out}/val_metrics.json, "
           f"reconstructions.png, comp_grid.png, comp_gen/, loss_curves.png")
     return result
 

@@ -442,9 +442,11 @@ def test_cli_trains_resumes_exactly_and_evaluates(tmp_path, tiny_vae, monkeypatc
     assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
     result = json.loads((split / "val_metrics.json").read_text())
-    for key in ("ari", "fg_ari", "mbo", "fg_ari_one_segment_baseline", "recon_mse", "fid", "recon_fid", "val_loss"):
+    for key in ("ari", "fg_ari", "mbo", "fg_ari_one_segment_baseline", "recon_mse", "fid", "recon_fid",
+                "vae_recon_fid", "val_loss"):
         assert np.isfinite(result[key]), key
-    assert fid_inputs == [(8, 16, 16, 3), (6, 16, 16, 3), (8, 16, 16, 3)]  # val vs generated, vs reconstructed
+    # val vs generated, vs reconstructed, vs the VAE's own decode
+    assert fid_inputs == [(8, 16, 16, 3), (6, 16, 16, 3), (8, 16, 16, 3), (8, 16, 16, 3)]
     assert result["fg_ari_one_segment_baseline"] == 0.0  # one segment for all pixels: FG-ARI of a constant is 0
     for name in ("loss_curves.png", "reconstructions.png", "comp_grid.png"):
         assert (split / name).stat().st_size > 0
@@ -453,7 +455,7 @@ def test_cli_trains_resumes_exactly_and_evaluates(tmp_path, tiny_vae, monkeypatc
     # `eval` re-evaluates a checkpoint with its own settings; flags override them
     slotdiff.main(["eval", "--ckpt", str(split / "ckpt.pt"), "--num-gen", "3"])
     assert json.loads((split / "val_metrics.json").read_text())["generated_images"] == 3
-    assert fid_inputs[-3:] == [(8, 16, 16, 3), (3, 16, 16, 3), (8, 16, 16, 3)]
+    assert fid_inputs[-4:] == [(8, 16, 16, 3), (3, 16, 16, 3), (8, 16, 16, 3), (8, 16, 16, 3)]
 
     # resuming a checkpoint that kept no average while --ema-decay is set: said, and the average starts there
     trainlib.save_checkpoint({k: v for k, v in b.items() if k != "ema"}, split / "ckpt.pt")
