@@ -168,7 +168,7 @@ def conv_transpose_as_conv(module: nn.Module) -> nn.Module:
 
 def sa_graphs(cfg: sa.SAConfig, model: sa.SlotAutoencoder) -> list[Graph]:
     def inputs(batch: int) -> dict[str, torch.Tensor]:
-        return dict(slots=torch.randn(batch, cfg.encoder.slots, cfg.encoder.slot_dim))
+        return dict(slots=sa.example_slots(cfg.encoder, batch))
     return [Graph("decoder", model.decoder, inputs, ["image", "masks", "rgb"])]
 
 
@@ -180,7 +180,7 @@ def slotdiff_graphs(cfg: slotdiff.SDConfig, model: slotdiff.SlotDiffusion, vqvae
     def unet_inputs(batch: int) -> dict[str, torch.Tensor]:
         return dict(x=torch.randn(batch, channels, size, size),
                     t=torch.randint(0, timesteps, (batch,)),
-                    slots=torch.randn(batch, cfg.encoder.slots, cfg.encoder.slot_dim))
+                    slots=sa.example_slots(cfg.encoder, batch))
 
     def step_inputs(batch: int) -> dict[str, torch.Tensor]:
         return dict(**unet_inputs(batch), noise=torch.randn(batch, channels, size, size), coefs=middle)

@@ -124,7 +124,8 @@ PRESETS = {
                   steps=250_000),
     # a 2-core CPU; why each setting, with its measurement: docs/results.md, "Part 2: SlotDiffusion on 2 CPU cores"
     "cpu": dict(encoder=replace(sa.PRESETS["cpu"]["encoder"],   # sa.py's cpu encoder recipe, but PyTorch's init:
-                                weight_init="torch"),   # Glorot-init encoders' attention maps missed the objects
+                                weight_init="torch",    # Glorot-init encoders' attention maps missed the objects
+                                slot_frame=False),      # and no slot frames: Part 2 as measured (docs/results.md)
                 num_train=5_000, num_val=500,
                 latent_scale=0.0,                 # the small VAE's latents to unit std: -16% reconstruction MSE
                 compile=False,                    # 2 cores: the first compilation costs more steps than it wins back
@@ -513,7 +514,7 @@ class SlotDiffusion(nn.Module):
     def __init__(self, cfg: SDConfig, latent_channels: int = 3):
         super().__init__()
         self.encoder = SlotEncoder(cfg.encoder)
-        self.unet = UNet(cfg.unet, cfg.encoder.slot_dim, latent_channels)
+        self.unet = UNet(cfg.unet, cfg.encoder.out_dim, latent_channels)
         self.diffusion = Diffusion(cfg.diffusion)
 
     def forward(self, images: torch.Tensor, latents: torch.Tensor,

@@ -113,7 +113,7 @@ def bench_ddpm(args, device: torch.device, scratch: Path) -> None:
         latent_size = cfg.encoder.resolution // vae.PRESETS["cpu"]["model"].downsample
         slots_per_scene = cfg.encoder.slots or 7   # --slots 0 = from the data: 7 on synthetic-clevr
     unet, diffusion, latent_shape = model.unet, model.diffusion, (3, latent_size, latent_size)
-    slots = torch.randn(args.batch, slots_per_scene, cfg.encoder.slot_dim, device=device)
+    slots = sa.example_slots(cfg.encoder, args.batch, slots_per_scene).to(device)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         unet(torch.randn(args.batch, *latent_shape, device=device), torch.zeros(args.batch, dtype=torch.long,
                                                                                  device=device), slots)
@@ -171,9 +171,10 @@ def bench_decoder(args, device: torch.device, scratch: Path) -> None:
     cfg = cli.make_config(sa.SAConfig, sa.PRESETS["cpu"])
     slots_per_scene = cfg.encoder.slots or 7   # --slots 0 = from the data: 7 on synthetic-clevr
     torch.manual_seed(0)
-    decoder = sa.SpatialBroadcastDecoder(cfg.decoder, cfg.encoder.slot_dim, cfg.encoder.resolution).eval()
+    decoder = sa.SpatialBroadcastDecoder(cfg.decoder, cfg.encoder.slot_dim, cfg.encoder.resolution,
+                                         cfg.encoder.slot_frame).eval()
     batch = cfg.batch_size
-    slots = torch.randn(batch, slots_per_scene, cfg.encoder.slot_dim)
+    slots = sa.example_slots(cfg.encoder, batch, slots_per_scene)
     graph = export.Graph("decoder", export.conv_transpose_as_conv(decoder), lambda b: dict(slots=slots[:b]),
                          ["image", "masks", "rgb"])   # as export.export_checkpoint writes it
     export.export_graph(graph, scratch / "decoder.onnx", "onnx")

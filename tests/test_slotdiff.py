@@ -320,6 +320,15 @@ def test_encoder_attention_sums_to_one_over_slots_and_gives_image_sized_masks():
     assert 0 <= masks.min() and masks.max() < 3
 
 
+def test_slot_frames_reach_the_unet_as_four_more_numbers_per_slot():
+    model = SlotDiffusion(tiny_joint_config(slot_frame=True))
+    images = torch.rand(2, 3, 16, 16)
+    slots, _ = model.encoder(images)
+    assert slots.shape == (2, 3, SLOT_DIM + 4)
+    out = model(images, torch.randn(2, 3, 4, 4), torch.tensor([10, 500]), torch.randn(2, 3, 4, 4))
+    assert torch.isfinite(out["loss"])
+
+
 def test_joint_training_step_lowers_the_loss_and_trains_the_encoder():
     torch.manual_seed(0)
     model = SlotDiffusion(tiny_joint_config())
