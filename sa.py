@@ -188,8 +188,7 @@ class SoftPositionEmbed(nn.Module):
 
 def frame_grid(height: int, width: int) -> torch.Tensor:
     """(H * W, 2) pixel positions (x, y) in [-1, 1], row by row: the coordinates slot frames are measured in."""
-    ys, xs = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
-    return torch.stack([xs, ys], dim=-1).reshape(-1, 2)
+    return position_grid(height, width)[0, ..., :2].reshape(-1, 2) * 2 - 1
 
 
 def attention_frame(attn: torch.Tensor, grid: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

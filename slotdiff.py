@@ -950,8 +950,8 @@ def evaluate(ckpt: str | Path, cfg: SDConfig | None = None, out: str | Path | No
           f"{result['val_loss']:.5f}\nreconstruction MSE ({len(val_set)} images, [-1,1]): {result['recon_mse']:.4f} "
           f"(VAE alone {result['vae_recon_mse']:.4f})\ncompositional FID ({n} generated vs {len(val_set)} val, "
           f"{cfg.comp_sample} sampling, {sampler_name(cfg)}): {result['fid']:.2f}   reconstruction FID (val decoded "
-          f"from its own slots): {result['recon_fid']:.2f} (VAE alone {result['vae_recon_fid']:.2f})\nwrote {out}/val_metrics.json, "
-          f"reconstructions.png, comp_grid.png, comp_gen/, loss_curves.png")
+          f"from its own slots): {result['recon_fid']:.2f} (VAE alone {result['vae_recon_fid']:.2f})\n"
+          f"wrote {out}/val_metrics.json, reconstructions.png, comp_grid.png, comp_gen/, loss_curves.png")
     return result
 
 
