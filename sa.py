@@ -102,6 +102,8 @@ class SAConfig:
     ckpt_every: int = 1_000
     max_minutes: float = 0.0       # wall-time budget for training (0 = none): checkpoint, stop, evaluate
     # evaluation
+    eval_iters: int = 0            # Slot Attention iterations when scoring, drawing and composing val scenes (the
+                                   # model in eval mode); 0 = --iters, as trained
     comp_sample: str = "member"    # compositional generation: "member" (a random cluster member) or "gaussian"
     num_gen: int | None = None     # images to generate for FID (None = size of the val split)
 
@@ -140,7 +142,7 @@ def validate(cfg: SAConfig) -> None:
     validate_encoder(cfg.encoder)
     cli.check_ranges(cfg, positive=("dec_channels", "batch_size", "lr", "decay_every", "decay_rate", "steps",
                                     "log_every", "eval_every", "eval_images", "ckpt_every", "num_train", "num_gen"),
-                     non_negative=("warmup", "grad_clip", "seed", "max_minutes"),
+                     non_negative=("warmup", "grad_clip", "seed", "max_minutes", "eval_iters"),
                      choices=dict(comp_sample=("member", "gaussian"), full_res_kernel=(1, 3, 5, 7)),
                      shares=("cooldown",))
     ratio = cfg.encoder.resolution / BROADCAST_SIZE
@@ -234,12 +236,16 @@ class SlotAttention(nn.Module):
     grad="full" backpropagates through every iteration, as in the paper. "implicit" (Chang et al. 2022) treats
     the iterations as a fixed-point solver and backpropagates through the last one only, which avoids the
     unstable gradients of the unrolled loop. "bo-qsa" (Jia et al. 2023) adds a straight-through path from the
-    last iteration to the initial slots, so that learned initial slots (queries) get a gradient."""
+    last iteration to the initial slots, so that learned initial slots (queries) get a gradient.
+
+    eval_iters (0 = iters) is the number of iterations in eval mode: the iterations refine the slots towards a
+    fixed point, and running more of them at evaluation than in training costs no training time."""
 
     def __init__(self, num_slots: int, dim: int, input_dim: int, iters: int = 3, mlp_hidden: int = 128,
-                 init: str = "gaussian", grad: str = "full", eps: float = 1e-8):
+                 init: str = "gaussian", grad: str = "full", eps: float = 1e-8, eval_iters: int = 0):
         super().__init__()
         self.num_slots, self.dim, self.iters, self.grad, self.eps = num_slots, dim, iters, grad, eps
+        self.eval_iters = eval_iters or iters
         self.scale = dim ** -0.5
         self.norm_inputs = nn.LayerNorm(input_dim)
         self.norm_slots = nn.LayerNorm(dim)
@@ -275,8 +281,9 @@ class SlotAttention(nn.Module):
         k, v = self.to_k(inputs), self.to_v(inputs)                         # computed once, used every iteration
         initial = self.initial_slots(b)                                     # line 1
         slots = initial
-        for t in range(self.iters):                                         # line 3
-            if t == self.iters - 1 and self.grad != "full":
+        iters = self.iters if self.training else self.eval_iters
+        for t in range(iters):                                              # line 3
+            if t == iters - 1 and self.grad != "full":
                 slots = slots.detach()                                      # implicit: gradient of the last step
                 if self.grad == "bo-qsa":
                     slots = slots + initial - initial.detach()              # value: slots; gradient: to initial
@@ -292,9 +299,10 @@ class SlotAttention(nn.Module):
 
 
 class SlotEncoder(nn.Module):
-    """Images in [0, 1] -> CNN -> + soft position embedding -> LayerNorm + MLP -> Slot Attention."""
+    """Images in [0, 1] -> CNN -> + soft position embedding -> LayerNorm + MLP -> Slot Attention (eval_iters:
+    its iterations in eval mode, 0 = cfg.iters)."""
 
-    def __init__(self, cfg: EncoderConfig):
+    def __init__(self, cfg: EncoderConfig, eval_iters: int = 0):
         super().__init__()
         c = cfg.enc_channels
         layers = []
@@ -304,7 +312,7 @@ class SlotEncoder(nn.Module):
         self.pos = SoftPositionEmbed(c, cfg.resolution)
         self.mlp = nn.Sequential(nn.LayerNorm(c), nn.Linear(c, c), nn.ReLU(), nn.Linear(c, c))
         self.slot_attention = SlotAttention(cfg.slots, cfg.slot_dim, c, cfg.iters, cfg.slot_mlp_hidden, cfg.slot_init,
-                                            cfg.slot_grad)
+                                            cfg.slot_grad, eval_iters=eval_iters)
         self.slot_frame = cfg.slot_frame
         if cfg.slot_frame:
             self.register_buffer("grid", frame_grid(cfg.resolution, cfg.resolution), persistent=False)
@@ -364,7 +372,7 @@ class SpatialBroadcastDecoder(nn.Module):
 class SlotAutoencoder(nn.Module):
     def __init__(self, cfg: SAConfig):
         super().__init__()
-        self.encoder = SlotEncoder(cfg.encoder)
+        self.encoder = SlotEncoder(cfg.encoder, cfg.eval_iters)
         self.decoder = SpatialBroadcastDecoder(cfg.decoder, cfg.encoder.slot_dim, cfg.encoder.resolution,
                                                cfg.encoder.slot_frame)
         if cfg.encoder.weight_init == "xavier":   # one init scheme for the whole model

@@ -1,4 +1,5 @@
 """sa.py: shapes, the Slot Attention algorithm against a hand-written reference, training, resume, CLI errors."""
+import dataclasses
 import json
 import math
 
@@ -35,8 +36,9 @@ def test_shapes_through_every_stage(full_res_kernel, slot_frame):
     assert torch.isfinite(model(images)["loss"])
 
 
-def reference_slot_attention(m: sa.SlotAttention, inputs: torch.Tensor, slots: torch.Tensor):
-    """Algorithm 1 written out with plain formulas and python loops over slots (no einsum, no nn.GRUCell)."""
+def reference_slot_attention(m: sa.SlotAttention, inputs: torch.Tensor, slots: torch.Tensor, iters: int | None = None):
+    """Algorithm 1 written out with plain formulas and python loops over slots (no einsum, no nn.GRUCell), for
+    iters iterations (default m.iters)."""
     def layer_norm(x, ln):
         mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
         return (x - mu) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
@@ -53,7 +55,7 @@ def reference_slot_attention(m: sa.SlotAttention, inputs: torch.Tensor, slots: t
     x = layer_norm(inputs, m.norm_inputs)
     k, v = x @ m.to_k.weight.T, x @ m.to_v.weight.T
     b, num_slots, d = slots.shape
-    for _ in range(m.iters):
+    for _ in range(iters or m.iters):
         q = layer_norm(slots, m.norm_slots) @ m.to_q.weight.T
         logits = torch.stack([(q[:, i:i + 1] * k).sum(-1) for i in range(num_slots)], 1) / math.sqrt(d)
         attn = torch.exp(logits) / torch.exp(logits).sum(1, keepdim=True)
@@ -80,6 +82,37 @@ def test_slot_attention_matches_reference(init):
     ref_slots, ref_attn = reference_slot_attention(m, inputs, initial)
     torch.testing.assert_close(slots, ref_slots, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(attn, ref_attn, rtol=1e-9, atol=1e-9)
+
+
+def test_eval_iters_runs_more_iterations_in_eval_mode_only():
+    """Training runs iters iterations; eval mode runs eval_iters, each the reference algorithm for that many."""
+    torch.manual_seed(0)
+    m = sa.SlotAttention(num_slots=5, dim=16, input_dim=12, iters=3, mlp_hidden=24, init="learned",
+                         eval_iters=7).double()
+    for p in m.parameters():
+        p.data.normal_(0, 0.5)
+    inputs = torch.randn(3, 40, 12, dtype=torch.float64)
+    initial = m.initial_slots(3)
+    with torch.no_grad():
+        trained = m.train()(inputs)
+        evaluated = m.eval()(inputs)
+    for (slots, attn), iters in ((trained, 3), (evaluated, 7)):
+        ref_slots, ref_attn = reference_slot_attention(m, inputs, initial, iters)
+        torch.testing.assert_close(slots, ref_slots, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(attn, ref_attn, rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(trained[0], evaluated[0])   # 7 iterations do move the slots
+    assert sa.SlotAttention(5, 16, 12, iters=3).eval_iters == 3   # 0 (the default): as trained
+
+
+def test_eval_iters_is_an_evaluation_setting_a_checkpoint_accepts(tmp_path, monkeypatch):
+    """--eval-iters changes how a trained model is scored, not the model: eval of a checkpoint takes it."""
+    monkeypatch.chdir(tmp_path)
+    ckpt = sa.train(tiny_cfg(out=str(tmp_path / "run"), steps=2))
+    trained = cli.config_from_checkpoint(sa.SAConfig, trainlib.load_checkpoint(ckpt)["config"], ckpt)
+    _, model, _ = sa.load(ckpt, dataclasses.replace(trained, eval_iters=5))
+    assert model.encoder.slot_attention.iters == 3 and model.encoder.slot_attention.eval_iters == 5
+    with pytest.raises(sa.InputError, match="--eval-iters"):
+        sa.validate(tiny_cfg(eval_iters=-1))
 
 
 def test_slot_attention_iterates_in_fp32_under_bf16_autocast():
