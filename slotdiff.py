@@ -903,6 +903,20 @@ def load(ckpt: str | Path, cfg: SDConfig | None = None, device: torch.device | s
     return cfg, model.eval(), vqvae.eval(), state
 
 
+def encoder_run_recon_fid(cfg: SDConfig, val_images: int) -> float | None:
+    """The reconstruction FID of the Slot Attention run this encoder started from (its mixture decoder), when
+    `sa.py` evaluated that run on the same val images: SlotDiffusion's claim is sharper reconstructions than it."""
+    if not cfg.encoder_from:
+        return None
+    path = Path(cfg.encoder_from).parent / "val_metrics.json"
+    if not path.exists():
+        return None
+    encoder_run = json.loads(path.read_text())
+    same_images = (encoder_run.get("val_images") == val_images
+                   and trainlib.load_checkpoint(cfg.encoder_from, kind="sa")["config"]["data"] == cfg.data)
+    return encoder_run.get("recon_fid") if same_images else None
+
+
 def evaluate(ckpt: str | Path, cfg: SDConfig | None = None, out: str | Path | None = None) -> dict:
     """Full evaluation of a checkpoint (with its own config unless one is given); writes val_metrics.json,
     reconstructions.png, comp_grid.png and the generated images in comp_gen/ to `out` (default: beside the
@@ -942,6 +956,9 @@ def evaluate(ckpt: str | Path, cfg: SDConfig | None = None, out: str | Path | No
     result["recon_fid"] = metrics.fid(val_stats, metrics.fid_stats(recon, str(device), name="reconstructed"))
     # the floor of that FID: a sampled reconstruction cannot be sharper than the frozen VAE's own decode
     result["vae_recon_fid"] = metrics.fid(val_stats, metrics.fid_stats(vae_recon, str(device), name="VAE-decoded"))
+    result["encoder_run_recon_fid"] = encoder_run_recon_fid(cfg, len(val_set))
+    slot_attention = (f"; Slot Attention's mixture decoder in {cfg.encoder_from}: {result['encoder_run_recon_fid']:.2f}"
+                      if result["encoder_run_recon_fid"] is not None else "")
     result.update(step=state["step"], val_images=len(val_set), generated_images=n, comp_sample=cfg.comp_sample,
                   sampler=cfg.sampler, sample_steps=cfg.sample_steps or cfg.diffusion.timesteps)
     (out / "val_metrics.json").write_text(json.dumps(result, indent=2))
@@ -950,7 +967,7 @@ def evaluate(ckpt: str | Path, cfg: SDConfig | None = None, out: str | Path | No
           f"{result['val_loss']:.5f}\nreconstruction MSE ({len(val_set)} images, [-1,1]): {result['recon_mse']:.4f} "
           f"(VAE alone {result['vae_recon_mse']:.4f})\ncompositional FID ({n} generated vs {len(val_set)} val, "
           f"{cfg.comp_sample} sampling, {sampler_name(cfg)}): {result['fid']:.2f}   reconstruction FID (val decoded "
-          f"from its own slots): {result['recon_fid']:.2f} (VAE alone {result['vae_recon_fid']:.2f})\n"
+          f"from its own slots): {result['recon_fid']:.2f} (VAE alone {result['vae_recon_fid']:.2f}{slot_attention})\n"
           f"wrote {out}/val_metrics.json, reconstructions.png, comp_grid.png, comp_gen/, loss_curves.png")
     return result
 

@@ -500,12 +500,18 @@ def test_a_dataset_folder_end_to_end_sa_then_slotdiff(tmp_path, tiny_vae, monkey
                "--slot-mlp-hidden", "16", "--enc-channels", "8", "--batch-size", "4", "--steps", "2",
                "--eval-images", "6", "--compile", "0", "--amp", "0", "--device", "cpu"]
     sa.main(encoder + ["--dec-channels", "8", "--num-gen", "4", "--out", "sa_run"])
+    sa_result = json.loads((tmp_path / "sa_run" / "val_metrics.json").read_text())
+    sa_result["recon_fid"] = 42.5   # the mocked FID is 1.0 for every image set: mark Slot Attention's own value
+    (tmp_path / "sa_run" / "val_metrics.json").write_text(json.dumps(sa_result))
     sd_only = ["--base-channels", "16", "--channel-mult", "1,2", "--num-res-blocks", "1", "--head-dim", "8",
                "--sample-steps", "5", "--sample-batch", "4", "--num-gen", "4"]
     slotdiff.main(encoder + sd_only + ["--vae", tiny_vae, "--encoder-from", "sa_run/ckpt.pt", "--out", "sd_run"])
     out = capsys.readouterr().out
     most = int(data.load_split(str(tmp_path / "mydata"), "train", 16).masks.max())   # ids are 0..n per image
     assert f"--slots 0: {most + 1} slots" in out and out.count("no val split; validating on its test split") == 1
+    # SlotDiffusion's reconstruction FID is reported beside that of the Slot Attention run its encoder came from
+    assert "Slot Attention's mixture decoder in sa_run/ckpt.pt: 42.50" in out
+    assert json.loads((tmp_path / "sd_run" / "val_metrics.json").read_text())["encoder_run_recon_fid"] == 42.5
     for run, pictures in (("sa_run", ("samples.png", "comp_grid.png", "loss_curves.png")),
                           ("sd_run", ("reconstructions.png", "comp_grid.png", "loss_curves.png"))):
         result = json.loads((tmp_path / run / "val_metrics.json").read_text())
@@ -592,8 +598,8 @@ def test_latent_scale_zero_gives_unit_variance_latents_and_generation_divides_it
 
 
 def test_a_vae_the_clock_stopped_is_reused_not_trained_again(tmp_path, monkeypatch):
-    """vae.py's cpu preset stops at 4000 steps or 7 minutes: a checkpoint that says finished at step 1 of 2 (the
-    clock ended it) is the cached VAE; without that mark it would be resumed for another 7 minutes each run."""
+    """vae.py's cpu preset stops at 12000 steps or 20 minutes: a checkpoint that says finished at step 1 of 2 (the
+    clock ended it) is the cached VAE; without that mark it would be resumed for another 20 minutes each run."""
     monkeypatch.chdir(tmp_path)
     trainings = []
 
