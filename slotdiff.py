@@ -909,7 +909,7 @@ def encoder_run_recon_fid(cfg: SDConfig, val_images: int) -> float | None:
     if not cfg.encoder_from:
         return None
     path = Path(cfg.encoder_from).parent / "val_metrics.json"
-    if not path.exists():
+    if not (path.exists() and Path(cfg.encoder_from).is_file()):   # moved or deleted since: nothing to compare
         return None
     encoder_run = json.loads(path.read_text())
     same_images = (encoder_run.get("val_images") == val_images

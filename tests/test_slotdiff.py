@@ -520,6 +520,18 @@ def test_a_dataset_folder_end_to_end_sa_then_slotdiff(tmp_path, tiny_vae, monkey
         assert all((tmp_path / run / name).stat().st_size > 0 for name in pictures), run
 
 
+def test_no_slot_attention_comparison_without_its_checkpoint_and_evaluation(tmp_path):
+    """The encoder run's reconstruction FID is only quoted from an evaluated run whose checkpoint is still there (a
+    deleted one must not fail an evaluation at its very end)."""
+    run = tmp_path / "sa_run"
+    run.mkdir()
+    cfg = cli.make_config(SDConfig, dict(encoder_from=str(run / "ckpt.pt")))
+    assert slotdiff.encoder_run_recon_fid(cfg, 6) is None                     # never evaluated, no checkpoint
+    (run / "val_metrics.json").write_text(json.dumps(dict(recon_fid=42.5, val_images=6)))
+    assert slotdiff.encoder_run_recon_fid(cfg, 6) is None                     # evaluated, checkpoint deleted since
+    assert slotdiff.encoder_run_recon_fid(cli.make_config(SDConfig, {}), 6) is None   # trained from scratch
+
+
 def test_without_vae_flag_a_vae_is_trained_once_then_reused(tmp_path, monkeypatch):
     """The wiring only (vae.py's own tests train VAEs): a stand-in vae.train writes a checkpoint the way vae.py
     does; an unfinished one (step < steps) must be resumed, a finished one reused."""
