@@ -124,7 +124,8 @@ PRESETS = {
                 batch_size=8,                       # with warm-up and decay stretched: +0.06 FG-ARI over batch 16
                 lr=4e-4, warmup=1_000, decay_every=10_000, steps=100_000, max_minutes=20,
                 num_train=20_000,                   # 5000 scenes overfit in 30k steps (FG-ARI 0.924 vs 0.887)
-                num_val=500, log_every=25, eval_every=500, eval_images=128, ckpt_every=500),
+                num_val=500, log_every=25, eval_every=500, eval_images=128, ckpt_every=500,
+                eval_iters=4),   # scored with one iteration more than trained: worst family of the suite +0.013
 }
 
 
