@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 import cli
+import metrics
 import trainlib
 import vae
 
@@ -47,6 +48,11 @@ def test_two_variants_write_curves_picture_and_checkpoints(tmp_path):
                            timeout=300)
     assert edges.returncode == 0, edges.stderr
     assert "decoder masks:" in edges.stdout and "attention masks:" in edges.stdout   # Slot Attention: both readouts
+    readouts = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_readouts.py"), "--ckpt",
+                               str(tmp_path / "curves-cpu" / "ckpt.pt"), "--val-images", "8"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+    assert readouts.returncode == 0, readouts.stderr
+    assert all(f"| {name} |" in readouts.stdout for name in ("decoder masks", "posterior", "colour k-means"))
 
 
 def test_a_suite_trains_each_variant_on_each_dataset_and_names_the_worst(tmp_path):
@@ -127,6 +133,25 @@ def test_interior_pixels_exclude_every_pixel_touching_another_object():
     expected = torch.zeros_like(masks)
     expected[0, 2:5, 2:4] = 1       # object 1 loses its outer ring and the column next to object 2
     assert torch.equal(inner, expected)
+
+
+def test_colour_readouts_recover_flat_colour_objects_that_blob_masks_miss():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_readouts import colour_kmeans, mixture_log_likelihood
+    true = torch.zeros(1, 8, 8, dtype=torch.long)
+    true[0, 1:4, 1:7] = 1                                   # a wide red bar
+    true[0, 5:8, 2:5] = 2                                   # a green square
+    colours = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    images = colours[true].permute(0, 3, 1, 2) * 2 - 1      # (1, 3, 8, 8) in [-1, 1]
+    assert metrics.ari(true, colour_kmeans(images, 3)).item() == 1.0
+    rgb = (colours * 2 - 1)[None, :, :, None, None].expand(1, 3, 3, 8, 8)   # each slot draws its flat colour
+    blobs = torch.full((1, 3, 8, 8), 0.1)
+    blobs[:, 1, :4, :] = 0.8                                # the bar's slot reaches the whole top half
+    blobs[:, 2, 4:, 2:6] = 0.8                              # the square's slot is a column too wide
+    blobs = blobs / blobs.sum(1, keepdim=True)
+    posterior = (blobs.log() + mixture_log_likelihood(images, rgb, 0.01)).argmax(1)
+    assert metrics.ari(true, blobs.argmax(1)).item() < 0.9  # the alpha masks spill over the background
+    assert torch.equal(posterior, true)                     # the colours put each pixel back in its object
 
 
 def test_reconstruction_error_decomposition_on_known_offsets():
