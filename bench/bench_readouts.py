@@ -34,6 +34,13 @@ def mixture_log_likelihood(images: torch.Tensor, rgb: torch.Tensor, noise_var: f
     return -((images.unsqueeze(1) - rgb) ** 2).sum(dim=2) / (2 * noise_var)
 
 
+def posterior_segmentation(images: torch.Tensor, masks: torch.Tensor, rgb: torch.Tensor, noise_var: float
+                           ) -> torch.Tensor:
+    """(B, H, W) argmax over slots of log m_k + log N(x; rgb_k, noise_var), masks (B, K, H, W): each pixel to the
+    slot whose mask and colour explain it best."""
+    return (masks.clamp(min=1e-20).log() + mixture_log_likelihood(images, rgb, noise_var)).argmax(dim=1)
+
+
 def colour_kmeans(images: torch.Tensor, k: int) -> torch.Tensor:
     """(B, H, W) segmentation of each image by k-means on its pixels' colours."""
     segments = []
@@ -44,6 +51,7 @@ def colour_kmeans(images: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def score_readouts(ckpt: str, val_images: int) -> dict[str, dict[str, float]]:
+    """FG-ARI, ARI and mBO of each readout (READOUTS) on the checkpoint's first val_images val scenes."""
     cfg, model, _ = sa.load(ckpt)
     device = torch.device("cpu")
     val = load_split(cfg.data, "val", cfg.encoder.resolution, cfg.num_val)
@@ -59,10 +67,10 @@ def score_readouts(ckpt: str, val_images: int) -> dict[str, dict[str, float]]:
                      for x, _, masks, rgb in outputs) / len(val))
     scores = {name: metrics.SegmentationScores() for name in READOUTS}
     for x, true_masks, masks, rgb in outputs:
-        log_likelihood = mixture_log_likelihood(x, rgb, noise_var)
         scores["decoder masks"].update(true_masks, masks.argmax(dim=1))
-        scores["posterior"].update(true_masks, (masks.clamp(min=1e-20).log() + log_likelihood).argmax(dim=1))
-        scores["slot colours only"].update(true_masks, log_likelihood.argmax(dim=1))
+        scores["posterior"].update(true_masks, posterior_segmentation(x, masks, rgb, noise_var))
+        uniform = torch.ones_like(masks)   # log 1 = 0: the slots' colours decide alone
+        scores["slot colours only"].update(true_masks, posterior_segmentation(x, uniform, rgb, noise_var))
         scores["colour k-means"].update(true_masks, colour_kmeans(x, masks.shape[1]))
     return {name: s.summary() for name, s in scores.items()}
 

@@ -137,7 +137,7 @@ def test_interior_pixels_exclude_every_pixel_touching_another_object():
 
 def test_colour_readouts_recover_flat_colour_objects_that_blob_masks_miss():
     sys.path.insert(0, str(ROOT / "bench"))
-    from bench_readouts import colour_kmeans, mixture_log_likelihood
+    from bench_readouts import colour_kmeans, posterior_segmentation
     true = torch.zeros(1, 8, 8, dtype=torch.long)
     true[0, 1:4, 1:7] = 1                                   # a wide red bar
     true[0, 5:8, 2:5] = 2                                   # a green square
@@ -149,7 +149,7 @@ def test_colour_readouts_recover_flat_colour_objects_that_blob_masks_miss():
     blobs[:, 1, :4, :] = 0.8                                # the bar's slot reaches the whole top half
     blobs[:, 2, 4:, 2:6] = 0.8                              # the square's slot is a column too wide
     blobs = blobs / blobs.sum(1, keepdim=True)
-    posterior = (blobs.log() + mixture_log_likelihood(images, rgb, 0.01)).argmax(1)
+    posterior = posterior_segmentation(images, blobs, rgb, 0.01)
     assert metrics.ari(true, blobs.argmax(1)).item() < 0.9  # the alpha masks spill over the background
     assert torch.equal(posterior, true)                     # the colours put each pixel back in its object
 
