@@ -43,6 +43,10 @@ class Scenes:
     def __len__(self) -> int:
         return len(self.images)
 
+    def head(self, n: int) -> "Scenes":
+        """The first n scenes (all of them when there are fewer)."""
+        return Scenes(self.images[:n], self.masks[:n], self.name)
+
     @functools.cached_property
     def content_hash(self) -> str:
         """A short hash of the pixels: what caches derived from them (a VAE, its latents) are keyed by, so that a

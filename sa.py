@@ -440,7 +440,7 @@ def decoder_masks(masks: torch.Tensor) -> torch.Tensor:
 def _evaluate_masks(model, scenes, cfg, device, limit, progress) -> dict[str, float]:
     model.eval()
     n = min(len(scenes), limit) if limit else len(scenes)
-    subset = Scenes(scenes.images[:n], scenes.masks[:n], scenes.name)
+    subset = scenes.head(n)
     loss, scores = 0.0, metrics.SegmentationScores()
     batches = iterate_batches(subset, cfg.batch_size, device)
     for images, true_masks in tqdm(batches, total=math.ceil(n / cfg.batch_size), desc="eval", disable=not progress,
@@ -524,8 +524,7 @@ def save_samples(model: SlotAutoencoder, scenes: Scenes, cfg: SAConfig, device: 
                  count: int = 8) -> None:
     """One row per val image: input | reconstruction | true masks | predicted masks | each slot's masked render."""
     model.eval()
-    images, true_masks = next(iterate_batches(Scenes(scenes.images[:count], scenes.masks[:count], scenes.name),
-                                              count, device))
+    images, true_masks = next(iterate_batches(scenes.head(count), count, device))
     with trainlib.autocast(device, cfg.amp):
         out = model(images)
     masks = out["masks"].float()

@@ -675,7 +675,7 @@ def evaluate_loss_and_masks(model: SlotDiffusion, scenes: Scenes, latents: torch
     and ARI / FG-ARI / mBO of the argmax-over-slots attention masks."""
     model.eval()
     n = min(len(scenes), limit) if limit else len(scenes)
-    subset = Scenes(scenes.images[:n], scenes.masks[:n], scenes.name)
+    subset = scenes.head(n)
     loss, scores = 0.0, metrics.SegmentationScores()
     generator = torch.Generator().manual_seed(cfg.seed)
     batches = iterate_batches(subset, cfg.batch_size, device)

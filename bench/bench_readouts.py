@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import metrics  # noqa: E402
 import sa  # noqa: E402
 import trainlib  # noqa: E402
-from data import Scenes, iterate_batches, load_split  # noqa: E402
+from data import iterate_batches, load_split  # noqa: E402
 from errors import InputError  # noqa: E402
 
 READOUTS = ("decoder masks", "posterior", "slot colours only", "colour k-means")
@@ -55,7 +55,7 @@ def score_readouts(ckpt: str, val_images: int) -> dict[str, dict[str, float]]:
     cfg, model, _ = sa.load(ckpt)
     device = torch.device("cpu")
     val = load_split(cfg.data, "val", cfg.encoder.resolution, cfg.num_val)
-    val = Scenes(val.images[:val_images], val.masks[:val_images], val.name)
+    val = val.head(val_images)
     torch.manual_seed(0)   # the Gaussian slot draws of sa.evaluate_masks
     outputs = []
     with torch.no_grad():

@@ -434,3 +434,12 @@ def test_flat_2d_shape_masks_are_exactly_the_regions_painted(style):
         means = np.stack([image[mask == k].mean(0) for k in ids])
         nearest = ids[np.linalg.norm(image[:, :, None].astype(float) - means, axis=-1).argmin(-1)]
         assert np.array_equal(nearest, mask), seed
+
+
+def test_head_keeps_the_first_scenes_with_their_masks():
+    scenes = data.Scenes(np.arange(5 * 2 * 2 * 3, dtype=np.uint8).reshape(5, 2, 2, 3),
+                         np.arange(5 * 2 * 2, dtype=np.uint8).reshape(5, 2, 2), "five")
+    first = scenes.head(3)
+    assert len(first) == 3 and first.name == "five"
+    assert np.array_equal(first.images, scenes.images[:3]) and np.array_equal(first.masks, scenes.masks[:3])
+    assert len(scenes.head(9)) == 5   # fewer scenes than asked: all of them
