@@ -19,15 +19,17 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch.distributed as dist
 
 from errors import InputError
 from trainlib import load_checkpoint
 
+Config = TypeVar("Config")   # a dataclass config (SAConfig, SDConfig, VAEConfig, ...)
 
-def config_paths(cls) -> dict[str, tuple[str, ...]]:
+
+def config_paths(cls: type) -> dict[str, tuple[str, ...]]:
     """Flag name (a leaf field) -> its path of attribute names in cls, nested configs included."""
     paths = {}
     for name, hint in typing.get_type_hints(cls).items():
@@ -38,7 +40,7 @@ def config_paths(cls) -> dict[str, tuple[str, ...]]:
     return paths
 
 
-def field_comments(cls) -> dict[str, str]:
+def field_comments(cls: type) -> dict[str, str]:
     """The comment after each field in the source of cls and its nested configs (a comment may go on over the
     following lines, indented under it): what --help shows for the flag."""
     comments, current, indent = {}, None, 0
@@ -67,7 +69,7 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (use 1/0, true/false, yes/no, on/off)")
 
 
-def optional_of(hint):
+def optional_of(hint: Any) -> Any:
     """T for an `T | None` field, else None."""
     options = typing.get_args(hint)
     if typing.get_origin(hint) in (types.UnionType, typing.Union) and type(None) in options:
@@ -75,7 +77,7 @@ def optional_of(hint):
     return None
 
 
-def flag_parser(hint) -> Callable[[str], Any]:
+def flag_parser(hint: Any) -> Callable[[str], Any]:
     """How a flag's text becomes the field's type: bool, int, float, str, a tuple of ints as "1,2,3", or
     "none" for an optional field."""
     if hint is bool:
@@ -88,7 +90,7 @@ def flag_parser(hint) -> Callable[[str], Any]:
     return hint
 
 
-def metavar(hint) -> str:
+def metavar(hint: Any) -> str:
     """What --help shows a flag to take: N, X, TEXT, 0|1, N,N,..."""
     hint = optional_of(hint) or hint
     if typing.get_origin(hint) is tuple:
@@ -96,7 +98,7 @@ def metavar(hint) -> str:
     return {bool: "0|1", int: "N", float: "X"}.get(hint, "TEXT")
 
 
-def leaf_types(cls) -> dict[str, Any]:
+def leaf_types(cls: type) -> dict[str, Any]:
     """Flag name -> the type of that leaf field."""
     return {leaf: typing.get_type_hints(functools.reduce(lambda c, name: typing.get_type_hints(c)[name], path[:-1],
                                                          cls))[leaf] for leaf, path in config_paths(cls).items()}
@@ -107,7 +109,7 @@ def setting_name(item: str) -> str:
     return item.partition("=")[0].strip().lstrip("-").replace("-", "_")
 
 
-def parse_overrides(cls, items: list[str]) -> dict:
+def parse_overrides(cls: type, items: list[str]) -> dict:
     """["slot_grad=bo-qsa", "lr=1e-3", ...] -> typed overrides for cls (flag names, - or _)."""
     types_by_name, overrides = leaf_types(cls), {}
     for item in items:
@@ -121,7 +123,7 @@ def parse_overrides(cls, items: list[str]) -> dict:
     return overrides
 
 
-def set_config_value(cfg, key: str, value) -> None:
+def set_config_value(cfg: Any, key: str, value: Any) -> None:
     """cfg.<key> = value, where key is a field of cfg or a leaf of one of its nested configs. A nested config's
     own name takes a config object (replacing it) or a dict of its fields (as a checkpoint stores it)."""
     hints = typing.get_type_hints(type(cfg))
@@ -140,7 +142,7 @@ def set_config_value(cfg, key: str, value) -> None:
         set_config_value(getattr(cfg, nested[0]), key, value)
 
 
-def make_config(cls, *layers: dict):
+def make_config(cls: type[Config], *layers: dict) -> Config:
     """cls() with each layer of overrides applied in turn (defaults <- preset or checkpoint <- flags)."""
     cfg = cls()
     for layer in layers:
@@ -155,7 +157,7 @@ def make_config(cls, *layers: dict):
 RETIRED = {"enc_stride": 1, "broadcast_size": 8, "full_res_layers": 1, "attn_from_level": 1, "num_recon": None}
 
 
-def without_retired(cls, stored: dict, path: str | Path) -> dict:
+def without_retired(cls: type, stored: dict, path: str | Path) -> dict:
     """stored (a checkpoint's config dict, nested configs as dicts) less the retired settings it may hold."""
     hints, kept = typing.get_type_hints(cls), {}
     for key, value in stored.items():
@@ -170,7 +172,7 @@ def without_retired(cls, stored: dict, path: str | Path) -> dict:
     return kept
 
 
-def config_from_checkpoint(cls, stored: dict, path: str | Path):
+def config_from_checkpoint(cls: type[Config], stored: dict, path: str | Path) -> Config:
     """The config a checkpoint was trained with; a field this version does not know is a clear error."""
     try:
         return make_config(cls, without_retired(cls, stored, path))
@@ -179,8 +181,8 @@ def config_from_checkpoint(cls, stored: dict, path: str | Path):
                          f"it, or use the version that wrote it") from None
 
 
-def parse_command_line(cls, presets: dict, argv: list[str], description: str, kind: str,
-                       commands: tuple[str, ...] = ("train", "eval")) -> tuple[str, Any, argparse.Namespace]:
+def parse_command_line(cls: type[Config], presets: dict, argv: list[str], description: str, kind: str,
+                       commands: tuple[str, ...] = ("train", "eval")) -> tuple[str, Config, argparse.Namespace]:
     """(command, config, args) for a training script: every config field is a flag (its comment is the help);
     --preset applies a named dict of overrides; --resume / --ckpt start from that checkpoint's config instead
     (a --preset beside them is ignored, and says so); explicit flags always win."""
@@ -277,7 +279,7 @@ def attach_negative_numbers(argv: list[str]) -> list[str]:
     return joined
 
 
-def with_overrides(cfg, overrides: dict):
+def with_overrides(cfg: Config, overrides: dict) -> Config:
     """A copy of cfg with overrides (flag name -> value) applied."""
     cfg = copy.deepcopy(cfg)
     for key, value in overrides.items():
@@ -290,7 +292,7 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def check_ranges(cfg, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+def check_ranges(cfg: Any, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
                  choices: dict[str, tuple] | None = None, shares: tuple[str, ...] = ()) -> None:
     """One line per impossible number or unknown choice, naming the flag: sizes, counts, intervals and learning
     rates must be finite and > 0 (optional ones may be None), budgets, seeds and clip norms >= 0, shares of a
@@ -317,7 +319,7 @@ def check_ranges(cfg, positive: tuple[str, ...] = (), non_negative: tuple[str, .
             raise InputError(f"{flag(name)} {values[name]!r}: choose one of {', '.join(map(str, allowed))}")
 
 
-def check_unchanged(cfg, stored: dict, what: str, path: str | Path) -> None:
+def check_unchanged(cfg: Any, stored: dict, what: str, path: str | Path) -> None:
     """Refuse flags that would change a trained model's structure (cfg's fields against the checkpoint's dict),
     naming the flag and the value the model was trained with."""
     current = dataclasses.asdict(cfg)

@@ -375,13 +375,14 @@ def batch_indices(n: int, step: int, batch_size: int, seed: int, rank: int = 0, 
     return index
 
 
-def get_batch(scenes: Scenes, step: int, batch_size: int, seed: int, device, rank: int = 0,
+def get_batch(scenes: Scenes, step: int, batch_size: int, seed: int, device: torch.device | str, rank: int = 0,
               world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch `step` (see batch_indices): images float (B,3,H,W) in [0,1] and masks int64 (B,H,W) on device."""
     return _to_device(scenes, batch_indices(len(scenes), step, batch_size, seed, rank, world_size), device)
 
 
-def iterate_batches(scenes: Scenes, batch_size: int, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def iterate_batches(scenes: Scenes, batch_size: int, device: torch.device | str
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """All scenes in order (last batch may be smaller), for evaluation."""
     for start in range(0, len(scenes), batch_size):
         yield _to_device(scenes, np.arange(start, min(start + batch_size, len(scenes))), device)

@@ -50,7 +50,7 @@ import time
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -61,8 +61,12 @@ import metrics
 import sa
 import slotdiff
 import trainlib
+import vae
 from data import load_split, save_grid
 from errors import InputError
+
+if TYPE_CHECKING:   # for annotations only: onnxruntime is imported where a session is made
+    import onnxruntime as ort
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2"}
 OPSET = 18
@@ -75,7 +79,8 @@ NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int6
 # ----------------------------------------------------------------------------------------------------------
 # loading a checkpoint of either model: each checkpoint names its kind, and its script loads it
 
-def load_any(ckpt: str | Path, device: torch.device = torch.device("cpu")):
+def load_any(ckpt: str | Path, device: torch.device = torch.device("cpu")
+             ) -> tuple[str, sa.SAConfig | slotdiff.SDConfig, nn.Module, vae.VQVAE | None]:
     """("sa", cfg, model, None) or ("slotdiff", cfg, model, vqvae) for a checkpoint of either script."""
     state = trainlib.load_checkpoint(ckpt)
     kind = state.get("kind") if isinstance(state, dict) else None
@@ -119,7 +124,7 @@ class DDPMStep(nn.Module):
 class QuantizedDecoder(nn.Module):
     """vae.VQVAE.decode as a module to export: nearest codebook entries in one search, then the decoder."""
 
-    def __init__(self, vqvae):
+    def __init__(self, vqvae: vae.VQVAE):
         super().__init__()
         self.vqvae = vqvae
 
@@ -172,7 +177,8 @@ def sa_graphs(cfg: sa.SAConfig, model: sa.SlotAutoencoder) -> list[Graph]:
     return [Graph("decoder", model.decoder, inputs, ["image", "masks", "rgb"])]
 
 
-def slotdiff_graphs(cfg: slotdiff.SDConfig, model: slotdiff.SlotDiffusion, vqvae, with_step: bool) -> list[Graph]:
+def slotdiff_graphs(cfg: slotdiff.SDConfig, model: slotdiff.SlotDiffusion, vqvae: vae.VQVAE, with_step: bool
+                    ) -> list[Graph]:
     channels, size = vqvae.cfg.embed_dim, cfg.encoder.resolution // vqvae.cfg.downsample
     timesteps = cfg.diffusion.timesteps
     middle = model.diffusion.step_coefficients()[1][timesteps // 2].float()  # any real step's
@@ -233,7 +239,8 @@ def require_ort_on(device: torch.device) -> None:
                          f"or sample with --backend torch, or pass --device cpu")
 
 
-def ort_session(path: str | Path, device: torch.device = torch.device("cpu"), threads: int | None = None):
+def ort_session(path: str | Path, device: torch.device = torch.device("cpu"), threads: int | None = None
+                ) -> ort.InferenceSession:
     """ORT session tuned for speed: all graph optimisations, one intra-op thread per core (or `threads`) on the
     CPU; on CUDA it runs on torch's current stream, so torch and ORT kernels are ordered without host syncs."""
     import onnxruntime as ort
@@ -255,7 +262,7 @@ def ort_session(path: str | Path, device: torch.device = torch.device("cpu"), th
     return session
 
 
-def run_bound(session, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+def run_bound(session: ort.InferenceSession, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
     """One ORT run that reads `inputs` and writes into the preallocated, contiguous `outputs` in place, all torch
     tensors on the session's device (I/O binding: no copy between host and GPU)."""
     binding = session.io_binding()
@@ -373,8 +380,9 @@ def expected_inputs(graph: Graph) -> str:
 # sampling with ONNX Runtime
 
 @torch.no_grad()
-def ort_sample(session, diffusion: slotdiff.Diffusion, slots: torch.Tensor, latent_shape: tuple[int, int, int],
-               seed: int = 0, steps: int | None = None, sampler: str = "ddpm", progress: bool = True) -> torch.Tensor:
+def ort_sample(session: ort.InferenceSession, diffusion: slotdiff.Diffusion, slots: torch.Tensor,
+               latent_shape: tuple[int, int, int], seed: int = 0, steps: int | None = None, sampler: str = "ddpm",
+               progress: bool = True) -> torch.Tensor:
     """slotdiff.Diffusion.sample with the ddpm_step graph on ONNX Runtime: same chain, same noise for a seed.
     Everything stays on the slots' device (CPU, or the GPU with the CUDA provider): the latents ping-pong between
     two buffers that ORT reads and writes in place, and the noise is drawn there by torch."""
@@ -397,7 +405,8 @@ def ort_sample(session, diffusion: slotdiff.Diffusion, slots: torch.Tensor, late
     return x
 
 
-def ort_decode(session, inputs: dict[str, torch.Tensor], output: str, shape: tuple[int, ...]) -> torch.Tensor:
+def ort_decode(session: ort.InferenceSession, inputs: dict[str, torch.Tensor], output: str, shape: tuple[int, ...]
+               ) -> torch.Tensor:
     """One output of a decoder graph, written by ORT into a torch tensor on the inputs' device."""
     first = next(iter(inputs.values()))
     out = torch.empty(shape, device=first.device)
@@ -451,7 +460,7 @@ def fid_sa(ckpt: Path, num_gen: int | None, device: torch.device) -> float:
     return report_fid(images, val_set.images, ckpt, device)
 
 
-def ort_sampler(ckpt: Path, cfg: slotdiff.SDConfig, model: slotdiff.SlotDiffusion, vqvae,
+def ort_sampler(ckpt: Path, cfg: slotdiff.SDConfig, model: slotdiff.SlotDiffusion, vqvae: vae.VQVAE,
                 device: torch.device) -> tuple[Callable, Callable]:
     """sample(slots, latent_shape, seed, steps=None, progress=True) and decode(latents) for slotdiff.generate, on
     ONNX Runtime (as slotdiff.pytorch_sampler's sample on PyTorch), with cfg.sampler."""
@@ -501,7 +510,7 @@ def torch_label(cfg: slotdiff.SDConfig, device: torch.device, compiled: bool) ->
     return f"PyTorch {'compiled' if compiled else 'eager'} {trainlib.precision(device, cfg.amp)}"
 
 
-def pick_sampler(backend: str, ckpt: Path, cfg: slotdiff.SDConfig, model: slotdiff.SlotDiffusion, vqvae,
+def pick_sampler(backend: str, ckpt: Path, cfg: slotdiff.SDConfig, model: slotdiff.SlotDiffusion, vqvae: vae.VQVAE,
                  device: torch.device, slots: torch.Tensor) -> tuple[str, Callable, Callable | None]:
     """(its name, sample, decode) on the chosen backend. "auto" is ONNX Runtime on a GPU (CUDA provider, I/O
     binding); on a CPU it times a few DDPM steps of each backend on `slots` (one sampling batch) and takes the

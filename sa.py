@@ -15,7 +15,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ import metrics
 import trainlib
 from data import Scenes, check_source, colorize_masks, get_batch, iterate_batches, load_split, save_grid, to_uint8
 from errors import InputError
+
+if TYPE_CHECKING:   # for annotations only: slotdiff imports this module
+    import slotdiff
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -396,8 +399,9 @@ def lr_at(step: int, cfg: SAConfig, progress: float = 0.0) -> float:
             * trainlib.cooldown_factor(progress, cfg.cooldown))
 
 
-def train_step(step_model: nn.Module, model: SlotAutoencoder, opt: torch.optim.Optimizer, scaler, images: torch.Tensor,
-               step: int, cfg: SAConfig, progress: float = 0.0, world_size: int = 1) -> tuple[torch.Tensor, str | None]:
+def train_step(step_model: nn.Module, model: SlotAutoencoder, opt: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, images: torch.Tensor, step: int, cfg: SAConfig, progress: float = 0.0,
+               world_size: int = 1) -> tuple[torch.Tensor, str | None]:
     """One optimiser step at lr_at(step, progress) (step_model: TrainLoop.step_model's autocast / compiled / DDP view
     of model; progress: the share of the budget spent); returns the loss and, when the step was not applied, what
     was not finite (trainlib.optimizer_step)."""
@@ -407,7 +411,8 @@ def train_step(step_model: nn.Module, model: SlotAutoencoder, opt: torch.optim.O
     return loss, trainlib.optimizer_step(loss, opt, scaler, model, cfg.grad_clip, world_size)
 
 
-def checkpoint_state(model: nn.Module, opt: torch.optim.Optimizer, scaler, step: int, cfg: SAConfig) -> dict:
+def checkpoint_state(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, step: int,
+                     cfg: SAConfig) -> dict:
     return dict(kind="sa", model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
                 step=step, config=asdict(cfg), rng=trainlib.rng_state())
 
@@ -552,7 +557,8 @@ def slot_library(encoder: SlotEncoder, scenes: Scenes, batch_size: int, device: 
     return torch.cat(chunks)
 
 
-def composed_slots(encoder: SlotEncoder, train_set: Scenes, n: int, cfg, device: torch.device) -> torch.Tensor:
+def composed_slots(encoder: SlotEncoder, train_set: Scenes, n: int, cfg: SAConfig | slotdiff.SDConfig,
+                   device: torch.device) -> torch.Tensor:
     """(n, K, D) slot sets for new scenes: slot library of the train split -> k-means (k = K) -> one slot from
     each cluster. Shared by sa.py, slotdiff.py and export.py (cfg: SAConfig or SDConfig)."""
     library = slot_library(encoder, train_set, cfg.batch_size, device, cfg.amp)

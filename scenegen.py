@@ -300,7 +300,8 @@ def _check_object_counts(min_objects: int, max_objects: int) -> None:
 
 
 def render_scene(seed: int, resolution: int = 128, min_objects: int = 3, max_objects: int = 10,
-                 style: str = "clevrtex", return_albedo: bool = False):
+                 style: str = "clevrtex", return_albedo: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, dict]:
     """One random scene -> image (H,W,3) uint8, mask (H,W) uint8 (0 = background, ids 1..n far-to-near).
     style: "clevr" (flat colours, plain floor and wall) or "clevrtex" (textured objects, floor and wall).
 

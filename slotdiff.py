@@ -26,7 +26,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -287,7 +287,7 @@ class Diffusion(nn.Module):
         return ts.flip(0), coefs.flip(0)
 
     @staticmethod
-    def ancestral_step(x_t: torch.Tensor, eps: torch.Tensor, coefs, noise: torch.Tensor) -> torch.Tensor:
+    def ancestral_step(x_t: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_{t-1} from one row (c_x, c_eps, sigma) of step_coefficients."""
         return coefs[0] * x_t - coefs[1] * eps + coefs[2] * noise
 
@@ -584,7 +584,7 @@ def diffusion_latents(cfg: SDConfig, vqvae: vae.VQVAE, vae_hash: str, train_set:
 
 
 @contextlib.contextmanager
-def master_first(world_size: int, is_master: bool):
+def master_first(world_size: int, is_master: bool) -> Iterator[None]:
     """Under DDP, rank 0 fills the caches (VAE, latents) while the other ranks wait, then they read them."""
     if world_size > 1 and not is_master:
         torch.distributed.barrier()
@@ -626,8 +626,8 @@ def make_optimizer(model: SlotDiffusion, cfg: SDConfig) -> torch.optim.Adam:
                          dict(params=model.unet.parameters(), base_lr=cfg.unet_lr)])
 
 
-def train_step(step_model: nn.Module, model: SlotDiffusion, opt: torch.optim.Optimizer, scaler, images: torch.Tensor,
-               latents: torch.Tensor, step: int, cfg: SDConfig, ema: trainlib.EMA | None = None,
+def train_step(step_model: nn.Module, model: SlotDiffusion, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               images: torch.Tensor, latents: torch.Tensor, step: int, cfg: SDConfig, ema: trainlib.EMA | None = None,
                progress: float = 0.0, world_size: int = 1) -> tuple[torch.Tensor, str | None]:
     """One optimiser step on images and their VAE latents (step_model: TrainLoop.step_model's autocast / compiled /
     DDP view of model), then the EMA of the weights when there is one; progress: the share of the budget spent
@@ -641,8 +641,8 @@ def train_step(step_model: nn.Module, model: SlotDiffusion, opt: torch.optim.Opt
     return loss, problem
 
 
-def checkpoint_state(model: nn.Module, opt: torch.optim.Optimizer, scaler, step: int, cfg: SDConfig,
-                     vae_hash: str, ema: trainlib.EMA | None = None) -> dict:
+def checkpoint_state(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, step: int,
+                     cfg: SDConfig, vae_hash: str, ema: trainlib.EMA | None = None) -> dict:
     """cfg.vae is an absolute path and vae_hash its content's hash, so the checkpoint finds (and checks) its VAE
     from any working directory. "model" holds the trained weights, "ema" (when kept) the averaged ones that
     `load` returns for evaluation."""

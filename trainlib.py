@@ -25,7 +25,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -106,7 +106,7 @@ def precision(device: torch.device, amp: bool) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp_dtype(device) if amp else None]
 
 
-def autocast(device: torch.device, enabled: bool = True):
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
     dtype = amp_dtype(device) if enabled else None
     if dtype is None:
         return contextlib.nullcontext()
@@ -191,7 +191,7 @@ def file_hash(path: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_checkpoint(path: str | Path, map_location="cpu", kind: str | None = None) -> dict:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", kind: str | None = None) -> dict:
     """torch.load with weights_only=True: a checkpoint is tensors and plain data only, so a file from elsewhere
     (the course's vae_checkpoint.pth, a colleague's run) can never execute code while it is read. With `kind`
     ("sa", "slotdiff", "vae"), anything but a checkpoint that script wrote is refused, naming what it is."""
@@ -228,7 +228,7 @@ def load_weights(model: torch.nn.Module, weights: dict, path: str | Path) -> Non
                          f"edited or written by another version: retrain it") from None
 
 
-def check_kind(state, kind: str, path: str | Path) -> None:
+def check_kind(state: object, kind: str, path: str | Path) -> None:
     script = SCRIPTS[kind]
     if not isinstance(state, dict) or not {"model", "config", "kind"} <= set(state):
         what = f"a dict with keys {sorted(map(str, state))[:6]}" if isinstance(state, dict) else f"a {type(state).__name__}"
@@ -313,8 +313,8 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 
-def plot_loss_curves(records: list[dict], png_path: str | Path, keys=("train_loss", "val_loss"),
-                     x: str = "step", title: str = "", scores=("fg_ari", "ari", "mbo")) -> None:
+def plot_loss_curves(records: list[dict], png_path: str | Path, keys: tuple[str, ...] = ("train_loss", "val_loss"),
+                     x: str = "step", title: str = "", scores: tuple[str, ...] = ("fg_ari", "ari", "mbo")) -> None:
     """Losses (log scale) on the left; on the right, the segmentation scores of the periodic evaluations, when
     there are any, so a reader sees whether falling loss means objects are being found."""
     import matplotlib
@@ -459,14 +459,14 @@ class EMA:
         self.updates = state["updates"]
 
 
-def adam(params, **kwargs) -> torch.optim.Adam:
+def adam(params: Iterable[torch.Tensor] | Iterable[dict], **kwargs: object) -> torch.optim.Adam:
     """Adam as every training script builds it: fused, one kernel over all parameters. torch's default on a CPU is
     a Python loop of ~10 small ops per tensor: 32 ms of SlotDiffusion's ~250 ms step on 2 AVX2 cores, 7 ms fused
     (docs/results.md, Benchmarks); the update is the same."""
     return torch.optim.Adam(params, fused=True, **kwargs)
 
 
-def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler, model: torch.nn.Module,
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, model: torch.nn.Module,
                    grad_clip: float = 0.0, world_size: int = 1) -> str | None:
     """Backward through the AMP loss scaler, then the optimiser step (after gradient-norm clipping when grad_clip >
     0), only if the loss and the gradient norm are finite on every rank: one non-finite step would poison the
@@ -754,7 +754,7 @@ class TrainLoop:
                   f"eagerly instead (as --compile 0; bench/bench_compile.py shows every gradient)", flush=True)
         return eager
 
-    def steps(self):
+    def steps(self) -> Iterator[int]:
         """The step numbers to run, from the start until the last step, the budget, a Ctrl-C or a SIGTERM."""
         self.budget, self.spent = TimeBudget(self.cfg.max_minutes), 0.0
         self.bar = TrainProgress(self.start, self.cfg.steps, self.cfg.max_minutes, disable=not self.master)

@@ -283,7 +283,7 @@ def _check_state_dict(model: VQVAE, state: dict, path: Path) -> None:
                          f"{wrong[:3]}); checkpoints without a 'config' entry must use the default VAEConfig")
 
 
-def load_vae(path: str | Path, map_location="cpu") -> VQVAE:
+def load_vae(path: str | Path, map_location: str | torch.device = "cpu") -> VQVAE:
     """Load the course's vae_checkpoint.pth (a raw state dict, default VAEConfig) or a checkpoint written by
     this script (kind "vae", its model config inside its training config). Returns the model in eval mode."""
     path = Path(path)
@@ -307,7 +307,7 @@ def load_vae(path: str | Path, map_location="cpu") -> VQVAE:
 
 
 @torch.no_grad()
-def encode_scenes(vae: VQVAE, scenes: data.Scenes, batch_size: int, device) -> torch.Tensor:
+def encode_scenes(vae: VQVAE, scenes: data.Scenes, batch_size: int, device: torch.device) -> torch.Tensor:
     """Latents (N, embed_dim, H/f, W/f) float32 on the CPU, in the order of `scenes`. SlotDiffusion trains on
     this cache: the VAE is frozen and there is no augmentation, so encoding every image once replaces
     re-encoding every batch (~12% of a reference training step). Moves `vae` to `device`; runs in fp32."""
@@ -412,7 +412,7 @@ def psnr(images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: VQVAE, scenes: data.Scenes, batch_size: int, device, amp: bool) -> dict:
+def evaluate(model: VQVAE, scenes: data.Scenes, batch_size: int, device: torch.device, amp: bool) -> dict:
     """val_loss (same terms as the training loss), PSNR, and codebook usage: the fraction of codes used at
     least once, and the perplexity exp(H(code frequencies)) = the number of codes effectively in use."""
     model.eval()
@@ -431,7 +431,7 @@ def evaluate(model: VQVAE, scenes: data.Scenes, batch_size: int, device, amp: bo
                 codebook_usage=(counts > 0).float().mean().item(), perplexity=entropy.exp().item())
 
 
-def save_reconstructions(model: VQVAE, scenes: data.Scenes, path: Path, device, n: int = 8) -> None:
+def save_reconstructions(model: VQVAE, scenes: data.Scenes, path: Path, device: torch.device, n: int = 8) -> None:
     """A PNG with n validation images on the top row and their reconstructions below."""
     images, _ = next(data.iterate_batches(scenes, n, device))
     with torch.no_grad():
