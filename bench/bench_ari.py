@@ -6,6 +6,7 @@ cells of 11 random seeds (11 ids), both int64 as the evaluation passes them. Run
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ def sklearn_ari(true_np: np.ndarray, pred_np: np.ndarray, foreground_only: bool 
     return np.array([adjusted_rand_score(t, p) for t, p in zip(true_np, pred_np)])
 
 
-def timed(fn) -> tuple[float, object]:
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
     start = time.perf_counter()
     result = fn()
     if torch.cuda.is_available():

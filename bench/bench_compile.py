@@ -14,6 +14,7 @@ import argparse
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -24,7 +25,11 @@ import slotdiff  # noqa: E402
 import trainlib  # noqa: E402
 
 
-def model_and_loss(name: str, preset: str, resolution: int | None, device: torch.device):
+LossOf = Callable[[torch.nn.Module], torch.Tensor]   # the loss of one fixed batch through a view of the model
+
+
+def model_and_loss(name: str, preset: str, resolution: int | None, device: torch.device
+                   ) -> tuple[sa.SAConfig | slotdiff.SDConfig, torch.nn.Module, LossOf]:
     """The preset's model with random weights (7 slots, synthetic-clevr's K) and loss_of(view) on one random batch."""
     module, config = (sa, sa.SAConfig) if name == "sa" else (slotdiff, slotdiff.SDConfig)
     cfg = cli.make_config(config, module.PRESETS[preset])

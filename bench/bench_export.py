@@ -21,6 +21,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -36,7 +37,8 @@ from benchlib import matmul_peak, reduced_precision, sync  # noqa: E402
 from errors import InputError  # noqa: E402
 
 
-def cuda_graph_sampler(unet: torch.nn.Module, diffusion: slotdiff.Diffusion, slots: torch.Tensor, latent_shape):
+def cuda_graph_sampler(unet: torch.nn.Module, diffusion: slotdiff.Diffusion, slots: torch.Tensor,
+                       latent_shape: tuple[int, ...]) -> Callable[..., torch.Tensor]:
     """PyTorch's fastest GPU path: one whole DDPM step (export.DDPMStep: UNet + update, bf16 autocast) captured
     once in a CUDA graph and replayed per step on static buffers; the noise is drawn as Diffusion.sample does."""
     step = export.DDPMStep(unet)
@@ -101,7 +103,7 @@ def print_table(seconds: dict[str, float], diffs: dict[str, float], images: int,
               f"  {base / s:5.2f}x vs {first}  max |diff| {diffs[name]:.1e}{peak_part}")
 
 
-def bench_ddpm(args, device: torch.device, scratch: Path) -> None:
+def bench_ddpm(args: argparse.Namespace, device: torch.device, scratch: Path) -> None:
     if args.ckpt:
         cfg, model, vqvae, _ = slotdiff.load(args.ckpt, device=device)
         latent_size, slots_per_scene = cfg.encoder.resolution // vqvae.cfg.downsample, cfg.encoder.slots
@@ -167,7 +169,7 @@ def bench_ddpm(args, device: torch.device, scratch: Path) -> None:
     print_table(seconds, diffs, args.batch, flops, "s/1000 steps", peak, scale=1000 / args.steps)
 
 
-def bench_decoder(args, device: torch.device, scratch: Path) -> None:
+def bench_decoder(args: argparse.Namespace, device: torch.device, scratch: Path) -> None:
     cfg = cli.make_config(sa.SAConfig, sa.PRESETS["cpu"])
     slots_per_scene = cfg.encoder.slots or 7   # --slots 0 = from the data: 7 on synthetic-clevr
     torch.manual_seed(0)
@@ -213,7 +215,7 @@ def bench_decoder(args, device: torch.device, scratch: Path) -> None:
     print_table(seconds, diffs, batch, flops, "s/batch", peak, scale=1 / args.decode_iters)
 
 
-def main():
+def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--batch", type=int, default=16, help="scenes sampled together")
     p.add_argument("--steps", type=int, default=20, help="DDPM steps timed per round (extrapolated to 1000)")

@@ -34,7 +34,7 @@ import cli  # noqa: E402
 import sa  # noqa: E402
 import slotdiff  # noqa: E402
 import trainlib  # noqa: E402
-from data import SYNTHETIC, get_batch, load_split  # noqa: E402
+from data import SYNTHETIC, Scenes, get_batch, load_split  # noqa: E402
 from errors import InputError  # noqa: E402
 
 # Ablations of the cpu preset (BO-QSA learned queries, 32x32, batch 8): each changes one choice; then SlotDiffusion
@@ -103,7 +103,7 @@ def parse_variant(text: str) -> tuple[str, dict, dict | list]:
     return name.strip(), options, overrides
 
 
-def settings_for(cls, items: list[str]) -> list[str]:
+def settings_for(cls: type, items: list[str]) -> list[str]:
     """The --set items that apply to cls: all but those naming a setting of the other script only (so one --set
     can shrink both models; a name neither script knows is still an error)."""
     ours = cli.leaf_types(cls)
@@ -111,8 +111,8 @@ def settings_for(cls, items: list[str]) -> list[str]:
     return [item for item in items if cli.setting_name(item) in ours or cli.setting_name(item) not in known]
 
 
-def variant_configs(name: str, options: dict, overrides: dict | list, args, data: str, seed: int
-                    ) -> tuple[sa.SAConfig | slotdiff.SDConfig, slotdiff.SDConfig | None, float]:
+def variant_configs(name: str, options: dict, overrides: dict | list, args: argparse.Namespace, data: str,
+                    seed: int) -> tuple[sa.SAConfig | slotdiff.SDConfig, slotdiff.SDConfig | None, float]:
     """(the config trained first, the SlotDiffusion config a warm start continues with or None, and the seconds
     after which it does)."""
     model = options.get("model", "sa")
@@ -142,7 +142,7 @@ def variant_configs(name: str, options: dict, overrides: dict | list, args, data
     return sa_cfg, sd_cfg, options["warm_minutes"] * 60
 
 
-def split_key(cfg) -> tuple:
+def split_key(cfg: sa.SAConfig | slotdiff.SDConfig) -> tuple[str, int, int | None, int | None]:
     return cfg.data, cfg.encoder.resolution, cfg.num_train, cfg.num_val
 
 
@@ -157,8 +157,8 @@ def run_label(variant: str, data: str, seed: int, several_datasets: bool) -> str
     return label if seed == 0 else f"{label} (seed {seed})"
 
 
-def make_run(name: str, variant: str, cfg, device: torch.device, splits: dict, latents: dict,
-             encoder_weights: dict | None = None) -> Run:
+def make_run(name: str, variant: str, cfg: sa.SAConfig | slotdiff.SDConfig, device: torch.device, splits: dict,
+             latents: dict, encoder_weights: dict | None = None) -> Run:
     """A fresh model for cfg (sa.py's or slotdiff.py's); a SlotDiffusion's encoder may start from given weights."""
     torch.manual_seed(cfg.seed)
     train_set, val_set = splits[split_key(cfg)]
@@ -186,7 +186,7 @@ def make_run(name: str, variant: str, cfg, device: torch.device, splits: dict, l
     return Run(name, variant, cfg, model, step_model, opt, trainlib.make_grad_scaler(device, cfg.amp), run_latents, ema)
 
 
-def train_for(run: Run, seconds: float, budget: float, scenes, device: torch.device,
+def train_for(run: Run, seconds: float, budget: float, scenes: Scenes, device: torch.device,
               interrupt: trainlib.StopOnInterrupt) -> None:
     """Train until `seconds` more have passed, the budget is spent, it is time to evaluate, a warm start's Slot
     Attention phase is over or Ctrl-C was pressed."""
@@ -214,14 +214,14 @@ def continue_as_slotdiff(run: Run, device: torch.device, splits: dict, latents: 
     return replace(new, earlier_steps=run.step, seconds=run.seconds, next_eval=run.next_eval, curve=run.curve)
 
 
-def evaluate(run: Run, val_set, device: torch.device, limit: int) -> dict:
+def evaluate(run: Run, val_set: Scenes, device: torch.device, limit: int) -> dict:
     if isinstance(run.cfg, sa.SAConfig):
         return sa.evaluate_masks(run.model, val_set, run.cfg, device, limit=limit)
     return slotdiff.evaluate_loss_and_masks(slotdiff.scored_model(run.model, run.ema), val_set, run.latents[1],
                                             run.cfg, device, limit=limit)
 
 
-def record_scores(run: Run, val_set, device: torch.device, args) -> None:
+def record_scores(run: Run, val_set: Scenes, device: torch.device, args: argparse.Namespace) -> None:
     scores = evaluate(run, val_set, device, args.val_images)
     run.curve.append(dict(minutes=run.seconds / 60, step=run.earlier_steps + run.step,
                           model="sa" if isinstance(run.cfg, sa.SAConfig) else "slotdiff", **scores))
@@ -255,7 +255,7 @@ def table_cell(curve: list[dict], minutes: float) -> str:
     return f"{point['fg_ari']:.3f}" + (f" (at {point['minutes']:.1f} min)" if late else "")
 
 
-def write_results(runs: list[Run], args, path: Path) -> None:
+def write_results(runs: list[Run], args: argparse.Namespace, path: Path) -> None:
     result = dict(command="python bench/bench_learning.py " + shlex.join(sys.argv[1:]), data=datasets(args.data),
                   preset=args.preset, minutes=args.minutes, val_images=args.val_images, threads=torch.get_num_threads(),
                   date=time.strftime("%Y-%m-%d %H:%M"), machine=os.uname().machine,
@@ -412,8 +412,8 @@ def main() -> None:
         sys.exit("interrupted; the results of every evaluation so far are in the JSON and PNG named above")
 
 
-def train_round_robin(runs: list[Run], budget: float, splits: dict, latents: dict, device: torch.device, args,
-                      out: Path, interrupt: trainlib.StopOnInterrupt) -> None:
+def train_round_robin(runs: list[Run], budget: float, splits: dict, latents: dict, device: torch.device,
+                      args: argparse.Namespace, out: Path, interrupt: trainlib.StopOnInterrupt) -> None:
     """Every variant in turn, --slice seconds at a time, until each has spent the budget (or Ctrl-C)."""
     while not all(r.done(budget) for r in runs) and not interrupt.requested:
         for i, r in enumerate(runs):

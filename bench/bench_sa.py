@@ -14,6 +14,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -40,7 +41,8 @@ def peak_rss_gib() -> float:
     return float("nan")
 
 
-def make_step(view, model, opt, scaler, images, cfg):
+def make_step(view: torch.nn.Module, model: sa.SlotAutoencoder, opt: torch.optim.Optimizer,
+              scaler: torch.amp.GradScaler, images: torch.Tensor, cfg: sa.SAConfig) -> Callable[[], torch.Tensor]:
     def step():
         loss, problem = sa.train_step(view, model, opt, scaler, images, 2_000, cfg)
         assert problem is None, problem
@@ -48,7 +50,7 @@ def make_step(view, model, opt, scaler, images, cfg):
     return step
 
 
-def main():
+def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="cpu", choices=sorted(sa.PRESETS))
     p.add_argument("--steps", type=int, default=10, help="timed steps per round")

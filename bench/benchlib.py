@@ -12,7 +12,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def reduced_precision(device: torch.device, enabled: bool):
+def reduced_precision(device: torch.device, enabled: bool) -> torch.autocast:
     """Autocast to the GPU's AMP dtype, or to bf16 on a CPU even where it has no bf16 arithmetic and
     trainlib.autocast (what the scripts use) stays in fp32 there: a benchmark shows the raw cost of a "bf16" row."""
     dtype = trainlib.amp_dtype(device) if device.type == "cuda" else torch.bfloat16
