@@ -57,17 +57,18 @@ def score_readouts(ckpt: str, val_images: int) -> dict[str, dict[str, float]]:
     val = load_split(cfg.data, "val", cfg.encoder.resolution, cfg.num_val)
     val = val.head(val_images)
     torch.manual_seed(0)   # the Gaussian slot draws of sa.evaluate_masks
-    outputs = []
+    outputs, squared_error = [], 0.0
     with torch.no_grad():
         for images, true_masks in iterate_batches(val, cfg.batch_size, device):
             with trainlib.autocast(device, cfg.amp):
                 out = model(images)
-            outputs.append((images * 2 - 1, true_masks, out["masks"].float().squeeze(2), out["rgb"].float()))
-    noise_var = (sum(((x - (masks.unsqueeze(2) * rgb).sum(1)) ** 2).mean().item() * len(x)
-                     for x, _, masks, rgb in outputs) / len(val))
+            squared_error += out["loss"].item() * len(images)   # the model's loss is the mean squared error
+            outputs.append((images * 2 - 1, true_masks, out["masks"].float(), out["rgb"].float()))
+    noise_var = squared_error / len(val)
     scores = {name: metrics.SegmentationScores() for name in READOUTS}
-    for x, true_masks, masks, rgb in outputs:
-        scores["decoder masks"].update(true_masks, masks.argmax(dim=1))
+    for x, true_masks, alpha, rgb in outputs:
+        scores["decoder masks"].update(true_masks, sa.decoder_masks(alpha))
+        masks = alpha.squeeze(2)
         scores["posterior"].update(true_masks, posterior_segmentation(x, masks, rgb, noise_var))
         uniform = torch.ones_like(masks)   # log 1 = 0: the slots' colours decide alone
         scores["slot colours only"].update(true_masks, posterior_segmentation(x, uniform, rgb, noise_var))
