@@ -416,7 +416,7 @@ TINY_CLI = ["--resolution", "16", "--num-train", "16", "--num-val", "8", "--slot
 
 def test_cli_trains_resumes_exactly_and_evaluates(tmp_path, tiny_vae, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # data and latent caches go to tmp_path/.cache
-    fid_inputs = []  # FID itself is tested in test_metrics.py; its 2048x2048 sqrtm alone takes ~20 s on 2 cores
+    fid_inputs = []  # FID itself is tested in test_metrics.py; here, what it is given
 
     def fake_stats(images, device=None, batch_size=32, name="", cache_dir=None):
         fid_inputs.append(np.asarray(images).shape)
