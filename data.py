@@ -126,11 +126,11 @@ LAYOUTS_HELP = """accepted dataset layouts:
                             ROOT/masks/{train,val}/<same name or number>.png    (colour per object, black = background)
   official CLEVRTex:        ROOT/<k>/CLEVRTEX_<variant>_000123.png  + ROOT/<k>/CLEVRTEX_<variant>_000123_flat.png
                             (split by index: test 0-10%, val 10-20%, train 20-100%)
-  generic folder:           ROOT/{train,val,test}/images/<name>.png|.jpg
-                            ROOT/{train,val,test}/masks/<same name or number>.png  (ids, 0 = background; or colours;
-                                                                                   train may have none: give --slots)
+  generic folder:           ROOT/{train,val,test}/images/<name>.png|.jpg|.bmp|.webp|.tif
+                            ROOT/{train,val,test}/masks/<same name or number>.png|.bmp|.tif  (ids, 0 = background;
+                                                                 or colours; train may have none: give --slots)
 or pass --data synthetic-clevr or --data synthetic-clevrtex for the built-in generator"""
-LOADER_VERSION = 2  # bump whenever the decoded arrays or the image-mask pairing change
+LOADER_VERSION = 3  # bump whenever the decoded arrays or the image-mask pairing change
 CLEVRTEX_CROP = 192  # SlotDiffusion's CLEVRTex preprocessing: centre crop 192x192 of the 320x240 render, then resize
 SPLITS = ("train", "val", "test")
 SYNTHETIC_SPLITS = {"train": (0, 5000), "val": (10_000_000, 500), "test": (20_000_000, 500)}  # seed base, default n
@@ -140,7 +140,9 @@ SYNTHETIC = {"synthetic-clevr": dict(style="clevr", min_objects=3, max_objects=6
              "synthetic-dsprites": dict(style="dsprites", min_objects=2, max_objects=5),
              "synthetic-textured-shapes": dict(style="textured-shapes", min_objects=2, max_objects=5),
              "synthetic-occluded": dict(style="occluded", min_objects=2, max_objects=4)}
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")   # lossless only: JPEG would blur the ids at every edge
+SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I")
 
 
 def _number(stem: str) -> str | None:
@@ -149,7 +151,8 @@ def _number(stem: str) -> str | None:
 
 
 def _files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes)
+    """The folder's files with these suffixes, by name; hidden ones (macOS's ._name.png copies) are not data."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes and not p.name.startswith("."))
 
 
 def _pair_by_name(images: list[Path], masks: list[Path]) -> tuple[list[tuple[Path, Path]], Path | None]:
@@ -170,7 +173,7 @@ def _pair_by_name(images: list[Path], masks: list[Path]) -> tuple[list[tuple[Pat
 
 
 def _pair_course(image_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
-    images, masks = _files(image_dir, IMAGE_SUFFIXES), _files(mask_dir, (".png",))
+    images, masks = _files(image_dir, IMAGE_SUFFIXES), _files(mask_dir, MASK_SUFFIXES)
     pairs, unmatched = _pair_by_name(images, masks)
     if unmatched is None:
         return pairs
@@ -206,9 +209,12 @@ def _pairs_generic(split_dir: Path) -> list[tuple[Path, Path | None]]:
         # training needs no masks (it is unsupervised): each image gets an empty one
         _note_once(f"note: {split_dir} has no masks/ folder; training on its images alone")
         return [(image, None) for image in images]
-    masks = _files(mask_dir, (".png",))
+    masks = _files(mask_dir, MASK_SUFFIXES)
     pairs, unmatched = _pair_by_name(images, masks)
     if unmatched is not None:
+        if jpegs := _files(mask_dir, (".jpg", ".jpeg")):
+            raise InputError(f"mask {jpegs[0]} is a JPEG, whose compression blurs the object ids at every edge; "
+                             f"save the masks losslessly, as .png (or .bmp, .tif)")
         raise InputError(f"image {unmatched} has no mask {mask_dir / (unmatched.stem + '.png')}; add it (same file "
                          f"name, .png)")
     return pairs
@@ -246,6 +252,14 @@ def _open(path: Path) -> Image.Image:
         raise InputError(f"cannot read image file {path} ({type(e).__name__}: {e}); replace or delete it") from None
 
 
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB; 16-bit greyscale (microscopy, depth-like renders) scaled to 8 bits, which convert("RGB") would
+    clip to white above 255."""
+    if image.mode in SIXTEEN_BIT_GREY:
+        image = Image.fromarray((np.asarray(image, np.float64) / 257).round().clip(0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
 def _crop_box(width: int, height: int, crop: int | None) -> tuple[int, int, int, int]:
     side = min(width, height) if crop is None else min(crop, width, height)
     left, top = (width - side) // 2, (height - side) // 2
@@ -257,7 +271,7 @@ def _mask_to_ids(mask: Image.Image, path: Path) -> np.ndarray:
     if mask.mode in ("RGB", "RGBA"):
         rgb = np.asarray(mask.convert("RGB"), np.int64)
         values = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
-    elif mask.mode in ("L", "P", "I", "I;16"):  # integer ids (for P: the palette index is the id)
+    elif mask.mode in ("L", "P", *SIXTEEN_BIT_GREY):  # integer ids (for P: the palette index is the id)
         values = np.asarray(mask).astype(np.int64)
     else:  # e.g. LA or 1-bit
         values = np.asarray(mask.convert("L")).astype(np.int64)
@@ -277,7 +291,7 @@ def _load_pair(image_path: Path, mask_path: Path | None, resolution: int, crop: 
         raise InputError(f"mask {mask_path} is {mask.size[0]}x{mask.size[1]} but image {image_path} is "
                          f"{image.size[0]}x{image.size[1]}; masks must have the size of their image")
     box = _crop_box(*image.size, crop)
-    image = image.convert("RGB").crop(box).resize((resolution, resolution), Image.BILINEAR)
+    image = _to_rgb(image).crop(box).resize((resolution, resolution), Image.BILINEAR)
     # nearest keeps ids (and palette indices of mode-P masks) exact; ids are numbered after the crop so that objects
     # cut away by it leave no gaps
     mask = mask.crop(box).resize((resolution, resolution), Image.NEAREST)

@@ -261,6 +261,25 @@ def test_a_train_split_without_masks_trains_on_images_alone(tmp_path, capsys):
         data.load_split(str(root), "val", 30, cache_dir=str(tmp_path / "cache"))
 
 
+def test_generic_layout_reads_other_lossless_formats_and_16_bit_images_and_skips_hidden_files(tmp_path):
+    root = make_generic(tmp_path / "generic")
+    images, masks = root / "train/images", root / "train/masks"
+    ramp = np.tile(np.arange(40, dtype=np.uint16) * 1000, (30, 1))           # 16-bit grey: 0 .. 39000
+    Image.fromarray(ramp).save(images / "c.png")
+    (masks / "a.png").rename(masks / "c.tif")                                  # a TIFF mask, not of "a" now
+    Image.open(masks / "b.png").save(masks / "a.bmp")
+    Image.open(images / "b.png").save(images / "d.webp", lossless=True)
+    Image.open(masks / "b.png").save(masks / "d.png")
+    (images / "._a.png").write_bytes(b"macOS resource fork, not an image")    # hidden: skipped, not "corrupt"
+    train = data.load_split(str(root), "train", 30, cache_dir=str(tmp_path / "cache"))
+    assert len(train) == 4 and all(m.max() == 2 for m in train.masks)
+    assert np.array_equal(train.images[2][0, :, 0], (np.arange(5, 35) * 1000 / 257).round())   # scaled, not clipped
+    assert np.array_equal(train.images[3], train.images[1])                   # webp (lossless) = the png
+    (masks / "d.png").rename(masks / "d.jpg")
+    with pytest.raises(InputError, match=r"d.jpg is a JPEG.*save the masks losslessly"):
+        data.load_split(str(root), "train", 30, cache_dir=str(tmp_path / "cache2"))
+
+
 def test_real_data_cache_skips_decoding(tmp_path, monkeypatch):
     root = make_generic(tmp_path / "generic")
     first = data.load_split(str(root), "train", 16, cache_dir=str(tmp_path / "cache"))
