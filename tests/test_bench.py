@@ -194,3 +194,13 @@ def test_bad_variant_and_budget_are_one_line(tmp_path):
                          (["--minutes", "-1"], "--minutes")]:
         run = bench(tmp_path, *args)
         assert run.returncode != 0 and needle in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_frechet_bench_scores_both_distances_against_the_exact_value():
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_frechet.py"), "--dim", "32", "--samples",
+                          "100,80", "6,4"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines()[2:]]
+    assert [r[0].strip() for r in rows] == ["100, 80", "6, 4"]
+    for _, exact, ours, theirs in rows:
+        assert float(exact) > 0 and float(ours.split(",")[1]) < 1e-9 and float(theirs.split(",")[1]) < 1e-4
