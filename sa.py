@@ -93,6 +93,7 @@ class SAConfig:
     cooldown: float = 0.0          # > 0: over this last share of the budget (--steps or --max-minutes) lr falls to 0
     steps: int = 500_000
     grad_clip: float = 0.0         # 0 = off (the paper does not clip)
+    ema_decay: float = 0.0         # > 0: evaluate, draw and compose with an EMA of the weights (trainlib.EMA); 0 = off
     # system
     device: str = "auto"           # auto (cuda if available), cpu, cuda, cuda:1, ...
     compile: bool = True           # torch.compile the training step
@@ -146,7 +147,7 @@ def validate(cfg: SAConfig) -> None:
     validate_encoder(cfg.encoder)
     cli.check_ranges(cfg, positive=("dec_channels", "batch_size", "lr", "decay_every", "decay_rate", "steps",
                                     "log_every", "eval_every", "eval_images", "ckpt_every", "num_train", "num_gen"),
-                     non_negative=("warmup", "grad_clip", "seed", "max_minutes", "eval_iters"),
+                     non_negative=("warmup", "grad_clip", "ema_decay", "seed", "max_minutes", "eval_iters"),
                      choices=dict(comp_sample=("member", "gaussian"), full_res_kernel=(1, 3, 5, 7)),
                      shares=("cooldown",))
     ratio = cfg.encoder.resolution / BROADCAST_SIZE
@@ -158,6 +159,7 @@ def validate(cfg: SAConfig) -> None:
                          f"--decay-every steps, so it must be in (0, 1] (paper: 0.5)")
     if cfg.num_val is not None and cfg.num_val < 2:
         raise InputError(f"--num-val {cfg.num_val}: FID needs at least 2 val images (default: the whole split)")
+    trainlib.check_ema_decay(cfg.ema_decay)
 
 
 def check_memory(cfg: SAConfig, device: torch.device) -> None:
@@ -401,20 +403,25 @@ def lr_at(step: int, cfg: SAConfig, progress: float = 0.0) -> float:
 
 def train_step(step_model: nn.Module, model: SlotAutoencoder, opt: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, images: torch.Tensor, step: int, cfg: SAConfig, progress: float = 0.0,
-               world_size: int = 1) -> tuple[torch.Tensor, str | None]:
+               world_size: int = 1, ema: trainlib.EMA | None = None) -> tuple[torch.Tensor, str | None]:
     """One optimiser step at lr_at(step, progress) (step_model: TrainLoop.step_model's autocast / compiled / DDP view
-    of model; progress: the share of the budget spent); returns the loss and, when the step was not applied, what
-    was not finite (trainlib.optimizer_step)."""
+    of model; progress: the share of the budget spent), then the EMA of the weights when there is one; returns the
+    loss and, when the step was not applied, what was not finite (trainlib.optimizer_step)."""
     for group in opt.param_groups:
         group["lr"] = lr_at(step, cfg, progress)
     loss = step_model(images)["loss"]
-    return loss, trainlib.optimizer_step(loss, opt, scaler, model, cfg.grad_clip, world_size)
+    problem = trainlib.optimizer_step(loss, opt, scaler, model, cfg.grad_clip, world_size)
+    if ema is not None and problem is None:
+        ema.update(model)
+    return loss, problem
 
 
 def checkpoint_state(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, step: int,
-                     cfg: SAConfig) -> dict:
-    return dict(kind="sa", model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
-                step=step, config=asdict(cfg), rng=trainlib.rng_state())
+                     cfg: SAConfig, ema: trainlib.EMA | None = None) -> dict:
+    """"model" holds the trained weights, "ema" (when kept) the averaged ones that `load` returns for evaluation."""
+    return trainlib.with_ema(dict(kind="sa", model=model.state_dict(), optimizer=opt.state_dict(),
+                                  scaler=scaler.state_dict(), step=step, config=asdict(cfg), rng=trainlib.rng_state()),
+                             ema)
 
 
 @torch.no_grad()
@@ -482,6 +489,9 @@ def train(cfg: SAConfig, resume: str | None = None, overwrite: bool = False) -> 
         for part in ("encoder", "decoder"):
             cli.check_unchanged(getattr(cfg, part), state["config"][part], "the model", resume)
         start = trainlib.restore(state, resume, master, model=model, optimizer=opt, scaler=scaler)
+    ema = trainlib.make_ema(model, cfg.ema_decay)
+    if resume:
+        trainlib.restore_ema(ema, state, resume, master)
     loop = trainlib.TrainLoop(cfg, start, Path(cfg.out), script="sa.py", title="Slot Attention + SBD",
                               resumed=bool(resume), master=master, world_size=ddp.world_size, device=device,
                               images_per_step=cfg.batch_size * ddp.world_size, epoch_size=len(train_set))
@@ -493,10 +503,12 @@ def train(cfg: SAConfig, resume: str | None = None, overwrite: bool = False) -> 
         step_model = nn.parallel.DistributedDataParallel(step_model, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
     for step in loop.steps():
         progress = loop.progress(step)
-        loss, problem = train_step(step_model, model, opt, scaler, batch(step), step, cfg, progress, ddp.world_size)
+        loss, problem = train_step(step_model, model, opt, scaler, batch(step), step, cfg, progress, ddp.world_size,
+                                   ema)
         loop.end_step(step + 1, loss, lr_at(step, cfg, progress),
-                      evaluate=lambda: evaluate_masks(model, val_set, cfg, device, limit=cfg.eval_images),
-                      state=lambda: checkpoint_state(model, opt, scaler, step + 1, cfg), problem=problem)
+                      evaluate=lambda: evaluate_masks(trainlib.scored_model(model, ema), val_set, cfg, device,
+                                                      limit=cfg.eval_images),
+                      state=lambda: checkpoint_state(model, opt, scaler, step + 1, cfg, ema), problem=problem)
     if ddp.world_size > 1:
         torch.distributed.destroy_process_group()
     return loop.ckpt if master else None
@@ -599,13 +611,14 @@ def reconstructions(model: SlotAutoencoder, scenes: Scenes, cfg: SAConfig, devic
 def load(ckpt: str | Path, cfg: SAConfig | None = None, device: torch.device | str = "cpu"
          ) -> tuple[SAConfig, SlotAutoencoder, dict]:
     """A sa.py checkpoint: its config (or cfg: the checkpoint's with flags applied, which may change evaluation
-    settings but not the model's), the model in eval mode on `device`, and the checkpoint's dict."""
+    settings but not the model's), the model (its EMA weights when it kept them) in eval mode on `device`, and the
+    checkpoint's dict."""
     state = trainlib.load_checkpoint(ckpt, map_location=device, kind="sa")
     cfg = cfg or cli.config_from_checkpoint(SAConfig, state["config"], ckpt)
     cli.check_unchanged(cfg.encoder, state["config"]["encoder"], "the model", ckpt)
     cli.check_unchanged(cfg.decoder, state["config"]["decoder"], "the model", ckpt)
     model = SlotAutoencoder(cfg).to(device)
-    trainlib.load_weights(model, state["model"], ckpt)
+    trainlib.load_weights(model, trainlib.scored_weights(state), ckpt)
     return cfg, model.eval(), state
 
 

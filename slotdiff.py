@@ -164,8 +164,7 @@ def validate(cfg: SDConfig) -> None:
     if not schedule.beta_start <= schedule.beta_end < 1:
         raise InputError(f"--beta-start {schedule.beta_start} / --beta-end {schedule.beta_end}: need "
                          f"0 < beta-start <= beta-end < 1 (the assignment: 0.0015 and 0.0195)")
-    if cfg.ema_decay >= 1:
-        raise InputError(f"--ema-decay {cfg.ema_decay}: must be in [0, 1), e.g. 0.999 (0 = no EMA)")
+    trainlib.check_ema_decay(cfg.ema_decay)
     unet = cfg.unet
     if not unet.channel_mult or min(unet.channel_mult) < 1 or unet.dropout >= 1:
         raise InputError(f"--channel-mult {unet.channel_mult} / --dropout {unet.dropout}: need positive multipliers "
@@ -646,18 +645,9 @@ def checkpoint_state(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch
     """cfg.vae is an absolute path and vae_hash its content's hash, so the checkpoint finds (and checks) its VAE
     from any working directory. "model" holds the trained weights, "ema" (when kept) the averaged ones that
     `load` returns for evaluation."""
-    state = dict(kind="slotdiff", model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
-                 step=step, config=asdict(cfg), vae_hash=vae_hash, rng=trainlib.rng_state())
-    return {**state, "ema": ema.state_dict()} if ema is not None else state
-
-
-def make_ema(model: SlotDiffusion, cfg: SDConfig) -> trainlib.EMA | None:
-    return trainlib.EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-
-
-def scored_model(model: SlotDiffusion, ema: trainlib.EMA | None) -> SlotDiffusion:
-    """The weights that evaluation and sampling use: the average when one is kept."""
-    return ema.model if ema is not None else model
+    return trainlib.with_ema(dict(kind="slotdiff", model=model.state_dict(), optimizer=opt.state_dict(),
+                                  scaler=scaler.state_dict(), step=step, config=asdict(cfg), vae_hash=vae_hash,
+                                  rng=trainlib.rng_state()), ema)
 
 
 def load_frozen_vae(cfg: SDConfig, device: torch.device) -> tuple[vae.VQVAE, str]:
@@ -695,8 +685,9 @@ def evaluate_loss_and_masks(model: SlotDiffusion, scenes: Scenes, latents: torch
 
 
 def trained_encoder(path: str, cfg: EncoderConfig, quiet: bool = False) -> dict[str, torch.Tensor]:
-    """The slot encoder weights of an sa.py checkpoint (Part 1), refused unless it was trained with the same encoder
-    settings as this run, so that a warm start never silently reshapes or reinterprets weights."""
+    """The slot encoder weights of an sa.py checkpoint (Part 1; its EMA weights when it kept them), refused unless
+    it was trained with the same encoder settings as this run, so that a warm start never silently reshapes or
+    reinterprets weights."""
     state = trainlib.load_checkpoint(path, kind="sa")
     trained, ours = state["config"]["encoder"], asdict(cfg)
     differing = [f"{cli.flag(key)} {ours[key]} here, {trained[key]} there" for key in ours
@@ -708,7 +699,7 @@ def trained_encoder(path: str, cfg: EncoderConfig, quiet: bool = False) -> dict[
         print(f"note: {path} was trained with --weight-init xavier; such an encoder's attention maps, which "
               f"SlotDiffusion is scored on, sat beside the objects (docs/results.md); `make demo-diffusion` trains "
               f"its encoder with --weight-init torch")
-    return {key.removeprefix("encoder."): value for key, value in state["model"].items()
+    return {key.removeprefix("encoder."): value for key, value in trainlib.scored_weights(state).items()
             if key.startswith("encoder.")}
 
 
@@ -747,12 +738,9 @@ def train(cfg: SDConfig, resume: str | None = None, overwrite: bool = False) -> 
             raise InputError(f"{resume} was trained on the latents of another VAE than {cfg.vae}; "
                              f"pass --vae with the VAE it was trained with")
         start = trainlib.restore(state, resume, master, model=model, optimizer=opt, scaler=scaler)
-    ema = make_ema(model, cfg)
-    if ema is not None and resume:
-        if "ema" in state:
-            ema.load_state_dict(state["ema"])
-        elif master:
-            print(f"{resume} kept no weight average: --ema-decay {cfg.ema_decay} starts it from the restored weights")
+    ema = trainlib.make_ema(model, cfg.ema_decay)
+    if resume:
+        trainlib.restore_ema(ema, state, resume, master)
     loop = trainlib.TrainLoop(cfg, start, Path(cfg.out), script="slotdiff.py", title="SlotDiffusion",
                               resumed=bool(resume), master=master, world_size=ddp.world_size, device=device,
                               images_per_step=cfg.batch_size * ddp.world_size, epoch_size=len(train_set))
@@ -777,8 +765,8 @@ def train(cfg: SDConfig, resume: str | None = None, overwrite: bool = False) -> 
         loss, problem = train_step(step_model, model, opt, scaler, *batch(step), step, cfg, ema, progress,
                                    ddp.world_size)
         loop.end_step(step + 1, loss, cfg.unet_lr * lr_scale(step, cfg, progress=progress),
-                      evaluate=lambda: evaluate_loss_and_masks(scored_model(model, ema), val_set, val_latents,
-                                                               cfg, device, limit=cfg.eval_images),
+                      evaluate=lambda: evaluate_loss_and_masks(trainlib.scored_model(model, ema), val_set,
+                                                               val_latents, cfg, device, limit=cfg.eval_images),
                       state=lambda: checkpoint_state(model, opt, scaler, step + 1, cfg, vae_hash, ema),
                       problem=problem)
     if ddp.world_size > 1:
@@ -899,7 +887,7 @@ def load(ckpt: str | Path, cfg: SDConfig | None = None, device: torch.device | s
         raise InputError(f"{ckpt} was trained on the latents of another VAE than {cfg.vae}; pass --vae with the "
                          f"VAE it was trained with")
     model = SlotDiffusion(cfg, vqvae.cfg.embed_dim).to(device)
-    trainlib.load_weights(model, state["ema"]["model"] if "ema" in state else state["model"], ckpt)
+    trainlib.load_weights(model, trainlib.scored_weights(state), ckpt)
     return cfg, model.eval(), vqvae.eval(), state
 
 

@@ -459,6 +459,42 @@ class EMA:
         self.updates = state["updates"]
 
 
+def check_ema_decay(decay: float) -> None:
+    """For the scripts' validate: --ema-decay in [0, 1) (its sign is checked with the other settings')."""
+    if decay >= 1:
+        raise InputError(f"--ema-decay {decay}: must be in [0, 1), e.g. 0.999 (0 = no EMA)")
+
+
+def make_ema(model: torch.nn.Module, decay: float) -> EMA | None:
+    """The average of model's weights that --ema-decay asks for (> 0), else None."""
+    return EMA(model, decay) if decay > 0 else None
+
+
+def scored_model(model: torch.nn.Module, ema: EMA | None) -> torch.nn.Module:
+    """The weights that evaluation, pictures and sampling use: the average when one is kept."""
+    return ema.model if ema is not None else model
+
+
+def with_ema(state: dict, ema: EMA | None) -> dict:
+    """A checkpoint's dict with the average beside the trained weights ("ema"), when one is kept."""
+    return {**state, "ema": ema.state_dict()} if ema is not None else state
+
+
+def restore_ema(ema: EMA | None, state: dict, resume: str, master: bool) -> None:
+    """A resumed run's average: the checkpoint's, or (a run that kept none) one starting from the restored weights."""
+    if ema is None:
+        return
+    if "ema" in state:
+        ema.load_state_dict(state["ema"])
+    elif master:
+        print(f"{resume} kept no weight average: --ema-decay {ema.decay} starts it from the restored weights")
+
+
+def scored_weights(state: dict) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights to evaluate: the average when it kept one, else the trained ones."""
+    return state["ema"]["model"] if "ema" in state else state["model"]
+
+
 def adam(params: Iterable[torch.Tensor] | Iterable[dict], **kwargs: object) -> torch.optim.Adam:
     """Adam as every training script builds it: fused, one kernel over all parameters. torch's default on a CPU is
     a Python loop of ~10 small ops per tensor: 32 ms of SlotDiffusion's ~250 ms step on 2 AVX2 cores, 7 ms fused

@@ -62,7 +62,7 @@ class Run:
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     latents: tuple = ()         # SlotDiffusion: VAE latents of (train, val) and the VAE's hash
-    ema: trainlib.EMA | None = None   # SlotDiffusion with --set ema_decay=...: the weights it is scored with
+    ema: trainlib.EMA | None = None   # with --set ema_decay=...: the weights it is scored with
     then: slotdiff.SDConfig | None = None   # warm start: the SlotDiffusion this run becomes at warm_seconds
     warm_seconds: float = 0.0
     step: int = 0               # steps of the current model
@@ -182,8 +182,8 @@ def make_run(name: str, variant: str, cfg: sa.SAConfig | slotdiff.SDConfig, devi
             model.encoder.load_state_dict(encoder_weights)
         opt = slotdiff.make_optimizer(model, cfg)
     step_model = trainlib.training_view(model, device, cfg.amp, cfg.compile)
-    ema = slotdiff.make_ema(model, cfg) if isinstance(cfg, slotdiff.SDConfig) else None
-    return Run(name, variant, cfg, model, step_model, opt, trainlib.make_grad_scaler(device, cfg.amp), run_latents, ema)
+    return Run(name, variant, cfg, model, step_model, opt, trainlib.make_grad_scaler(device, cfg.amp), run_latents,
+               trainlib.make_ema(model, cfg.ema_decay))
 
 
 def train_for(run: Run, seconds: float, budget: float, scenes: Scenes, device: torch.device,
@@ -198,7 +198,8 @@ def train_for(run: Run, seconds: float, budget: float, scenes: Scenes, device: t
                                             run.seconds / (run.warm_seconds if run.then else budget))
         if isinstance(run.cfg, sa.SAConfig):
             images, _ = get_batch(scenes, run.step, run.cfg.batch_size, run.cfg.seed, device)
-            sa.train_step(run.step_model, run.model, run.opt, run.scaler, images, run.step, run.cfg, progress)
+            sa.train_step(run.step_model, run.model, run.opt, run.scaler, images, run.step, run.cfg, progress,
+                          ema=run.ema)
         else:
             images, latents = slotdiff.batch_with_latents(scenes, run.latents[0], run.step, run.cfg, device)
             slotdiff.train_step(run.step_model, run.model, run.opt, run.scaler, images, latents, run.step, run.cfg,
@@ -216,8 +217,8 @@ def continue_as_slotdiff(run: Run, device: torch.device, splits: dict, latents: 
 
 def evaluate(run: Run, val_set: Scenes, device: torch.device, limit: int) -> dict:
     if isinstance(run.cfg, sa.SAConfig):
-        return sa.evaluate_masks(run.model, val_set, run.cfg, device, limit=limit)
-    return slotdiff.evaluate_loss_and_masks(slotdiff.scored_model(run.model, run.ema), val_set, run.latents[1],
+        return sa.evaluate_masks(trainlib.scored_model(run.model, run.ema), val_set, run.cfg, device, limit=limit)
+    return slotdiff.evaluate_loss_and_masks(trainlib.scored_model(run.model, run.ema), val_set, run.latents[1],
                                             run.cfg, device, limit=limit)
 
 
@@ -233,7 +234,7 @@ def record_scores(run: Run, val_set: Scenes, device: torch.device, args: argpars
 def save_final(run: Run, out: Path) -> None:
     ckpt = out.parent / f"{out.stem}-{safe_name(run.name)}" / "ckpt.pt"
     if isinstance(run.cfg, sa.SAConfig):
-        state = sa.checkpoint_state(run.model, run.opt, run.scaler, run.step, run.cfg)
+        state = sa.checkpoint_state(run.model, run.opt, run.scaler, run.step, run.cfg, run.ema)
     else:
         state = slotdiff.checkpoint_state(run.model, run.opt, run.scaler, run.step, run.cfg, run.latents[2], run.ema)
     trainlib.save_checkpoint(state, ckpt)

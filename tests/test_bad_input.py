@@ -70,6 +70,8 @@ def one_line_error(main, argv: list[str], needle: str) -> str:
     (["--num-train", "0"], "--num-train 0"),
     (["--steps", "0"], "--steps 0"),
     (["--max-minutes", "-5"], "--max-minutes -5.0"),
+    (["--ema-decay", "1"], "--ema-decay 1.0: must be in [0, 1)"),
+    (["--ema-decay", "-0.5"], "--ema-decay -0.5"),
     (["--slot-grad", "backwards"], "--slot-grad 'backwards': choose one of full, implicit, bo-qsa"),
     (["--data", "synthetic"], "synthetic-clevr, synthetic-clevrtex, synthetic-dsprites"),
 ])
@@ -91,6 +93,7 @@ def test_sa_settings(argv, needle, tmp_path, monkeypatch):
     (["--sample-steps", "2000"], "--sample-steps 2000 must divide the 1000-step schedule"),
     (["--sample-steps", "300"], "use one of 1, 2, 4, 5, 8, 10, 20, 25, 40, 50, 100, 125, 200, 250, 500, 1000"),
     (["--dropout", "1"], "--dropout 1.0"),
+    (["--ema-decay", "1"], "--ema-decay 1.0: must be in [0, 1)"),
     (["--channel-mult", "1,0"], "--channel-mult (1, 0)"),
     (["--resolution", "40"], "--resolution 40 gives a 10x10 latent"),   # checked before any VAE is trained
     (["--encoder-from", "no_such_sa.pt"], "checkpoint no_such_sa.pt does not exist"),

@@ -28,11 +28,13 @@ def bench(tmp_path, *args, **kwargs):
 
 
 def test_two_variants_write_curves_picture_and_checkpoints(tmp_path):
-    run = bench(tmp_path, "--variants", "cpu", "implicit: slot_grad=implicit", "--minutes", "0.03",
+    run = bench(tmp_path, "--variants", "cpu", "implicit: slot_grad=implicit ema_decay=0.9", "--minutes", "0.03",
                 "--eval-minutes", "0.01")
     assert run.returncode == 0, run.stderr
     result = json.loads((tmp_path / "curves.json").read_text())
     assert set(result["variants"]) == {"cpu", "implicit"}
+    averaged = trainlib.load_checkpoint(tmp_path / "curves-implicit" / "ckpt.pt")   # scored with the average
+    assert averaged["ema"]["updates"] == result["variants"]["implicit"]["steps"]
     for name, variant in result["variants"].items():
         minutes = [p["minutes"] for p in variant["curve"]]
         assert minutes and minutes == sorted(minutes) and minutes[-1] >= 0.03 - 1e-6   # ends at the budget

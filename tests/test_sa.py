@@ -9,6 +9,7 @@ import torch
 
 import cli
 import sa
+import slotdiff
 import trainlib
 
 TINY = dict(resolution=32, slots=4, slot_dim=16, slot_mlp_hidden=32, enc_channels=8, dec_channels=8,
@@ -254,21 +255,29 @@ def train_losses(run_dir):
             if "train_loss" in r]
 
 
-def test_checkpoint_and_exact_resume(tmp_path, monkeypatch):
+def test_checkpoint_and_exact_resume_with_the_average_of_the_weights(tmp_path, monkeypatch):
+    """--ema-decay: the checkpoint keeps the trained weights and their average, a resumed run continues both
+    bit-exactly, and everything that scores or reuses the model (load, --encoder-from) takes the average."""
     monkeypatch.chdir(tmp_path)
-    full = tiny_cfg(out=str(tmp_path / "full"))
+    full = tiny_cfg(out=str(tmp_path / "full"), ema_decay=0.9)
     sa.train(full)
-    first = tiny_cfg(out=str(tmp_path / "split"), steps=3)
+    first = tiny_cfg(out=str(tmp_path / "split"), steps=3, ema_decay=0.9)
     ckpt = sa.train(first)
     state = trainlib.load_checkpoint(ckpt)
-    assert state["step"] == 3 and set(state) >= {"model", "optimizer", "rng", "config"}
-    resumed = tiny_cfg(out=str(tmp_path / "split"), steps=6)
+    assert state["step"] == 3 and set(state) >= {"model", "optimizer", "rng", "config", "ema"}
+    resumed = tiny_cfg(out=str(tmp_path / "split"), steps=6, ema_decay=0.9)
     sa.train(resumed, resume=str(ckpt))
     assert train_losses(tmp_path / "full") == train_losses(tmp_path / "split")   # bit-identical continuation
     assert len(train_losses(tmp_path / "full")) == 6
-    a = trainlib.load_checkpoint(tmp_path / "full" / "ckpt.pt")["model"]
-    b = trainlib.load_checkpoint(tmp_path / "split" / "ckpt.pt")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (trainlib.load_checkpoint(tmp_path / run / "ckpt.pt") for run in ("full", "split"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["ema"]["model"][k], b["ema"]["model"][k]) for k in a["model"])
+    assert a["ema"]["updates"] == b["ema"]["updates"] == 6
+    assert any(not torch.equal(a["ema"]["model"][k], a["model"][k]) for k in a["model"])
+    _, loaded, _ = sa.load(tmp_path / "full" / "ckpt.pt")
+    assert all(torch.equal(value, a["ema"]["model"][key]) for key, value in loaded.state_dict().items())
+    encoder = slotdiff.trained_encoder(str(tmp_path / "full" / "ckpt.pt"), full.encoder, quiet=True)
+    assert all(torch.equal(value, a["ema"]["model"][f"encoder.{key}"]) for key, value in encoder.items())
     assert (tmp_path / "full" / "loss_curves.png").stat().st_size > 0
 
 
