@@ -1,8 +1,10 @@
 """metrics.py against independent references: scikit-learn's adjusted_rand_score, hand-computed IoUs,
 well-separated blobs for k-means, and clean-fid's own compute_fid for FID."""
 import os
+import sys
 import urllib.request
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -318,18 +320,17 @@ def test_fid_of_arrays_equals_cleanfid_on_folders(tmp_path, monkeypatch, no_down
 
 @pytest.mark.parametrize("samples", [(400, 300), (6, 4)])   # full-rank covariances, and singular ones
 def test_frechet_distance_equals_cleanfids_and_the_exact_value_from_the_features(samples):
-    """Against clean-fid's frechet_distance (scipy sqrtm) and against the exact value: for covariances X1'X1 and
-    X2'X2 of centred features, tr((sigma1 sigma2)^1/2) is the sum of the singular values of X1 X2'."""
+    """Against clean-fid's frechet_distance (scipy sqrtm) and against the exact value from the features themselves
+    (bench_frechet.exact_distance: the nuclear norm of X1 X2' for centred features)."""
     from cleanfid import fid as cleanfid
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_frechet import exact_distance, features
 
     rng = np.random.default_rng(0)
     mixing = rng.standard_normal((64, 64))
-    features = [np.maximum(rng.standard_normal((n, 64)) @ mixing + shift, 0) for n, shift in zip(samples, (0, 1))]
-    stats = [x for f in features for x in (f.mean(0), np.cov(f, rowvar=False))]
-    centred = [(f - f.mean(0)) / np.sqrt(len(f) - 1) for f in features]
-    root_trace = np.linalg.svd(centred[0] @ centred[1].T, compute_uv=False).sum()
-    difference = stats[0] - stats[2]
-    exact = difference @ difference + np.trace(stats[1]) + np.trace(stats[3]) - 2 * root_trace
+    first, second = (features(rng, mixing, n, shift) for n, shift in zip(samples, (0, 1)))
+    stats = [x for f in (first, second) for x in (f.mean(0), np.cov(f, rowvar=False))]
+    exact = exact_distance(first, second)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # sqrtm warns that the singular product "might be inaccurate"
         theirs = cleanfid.frechet_distance(*stats)
