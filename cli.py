@@ -24,7 +24,7 @@ from typing import Any, Callable, TypeVar
 import torch.distributed as dist
 
 from errors import InputError
-from trainlib import load_checkpoint
+from trainlib import load_checkpoint, pick_device
 
 Config = TypeVar("Config")   # a dataclass config (SAConfig, SDConfig, VAEConfig, ...)
 
@@ -231,6 +231,16 @@ def auto_resume(out: Path) -> str | None:
     return str(ckpt)
 
 
+def note_cpu_without_preset(cfg: Config, args: argparse.Namespace, presets: dict) -> None:
+    """The defaults are the paper's scale, sized for a GPU: a user who starts them on a CPU (no --preset, and neither
+    --steps nor --max-minutes to bound the run) learns it from one line now instead of from an ETA of days."""
+    paper_length = cfg.steps == type(cfg)().steps and not cfg.max_minutes
+    if args.preset or args.resume or not paper_length or "cpu" not in presets or pick_device(cfg.device).type != "cpu":
+        return
+    print(f"note: no --preset, so this trains the defaults, the paper's scale ({cfg.steps} steps), which is sized "
+          f"for a GPU; on a CPU, --preset cpu is the setting chosen to learn within minutes (flags still apply)")
+
+
 def run_command_line(argv: list[str] | None, cls, presets: dict, description: str, kind: str, validate: Callable,
                      train: Callable, evaluate: Callable, eval_needs: Callable[[], None] | None = None) -> None:
     """The command line of a training script: `train` (the default; then the checkpoint is evaluated with its own
@@ -248,6 +258,7 @@ def run_command_line(argv: list[str] | None, cls, presets: dict, description: st
                 raise InputError(f"eval needs --ckpt PATH (e.g. {cls().out}/ckpt.pt, written by training)")
             evaluate(args.ckpt, cfg, out=args.out)
             return
+        note_cpu_without_preset(cfg, args, presets)
         if args.auto_resume and args.finished:   # a requeued job whose training had ended: evaluate, if asked
             print(f"--resume auto: {args.resume} is a finished run; nothing left to train")
             ckpt = Path(args.resume) if int(os.environ.get("RANK", "0")) == 0 else None

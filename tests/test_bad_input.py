@@ -306,3 +306,16 @@ def test_slotdiff_settings_that_do_not_fit_together(capsys):
     with pytest.raises(SystemExit) as exit_info:
         slotdiff.main(["--encoder-steps", "500", "--encoder-delay", "500"])
     assert "error: --encoder-delay 500: the encoder must start before its training ends" in str(exit_info.value)
+
+
+@pytest.mark.parametrize("script", [sa, slotdiff, vae])
+def test_a_cpu_run_without_a_preset_is_told_the_defaults_are_sized_for_a_gpu(script, capsys, monkeypatch):
+    started = []
+    monkeypatch.setattr(script, "train", lambda cfg, **_: started.append(cfg.steps))   # the command line only
+    note = "--preset cpu is the setting chosen to learn within minutes"
+    script.main(["--device", "cpu", "--no-eval"])
+    assert note in capsys.readouterr().out
+    for bounded in (["--preset", "cpu"], ["--steps", "100"], ["--max-minutes", "5"]):
+        script.main(["--device", "cpu", "--no-eval", *bounded])
+        assert note not in capsys.readouterr().out
+    assert len(started) == 4   # the note never stops a run
