@@ -16,7 +16,10 @@ machine that slows down slows every variant alike; a variant's minutes count onl
 (compilation included; evaluation and SlotDiffusion's one-off VQ-VAE training excluded). Every `--eval-minutes`
 of a variant's training it is scored on the same first `--val-images` val scenes, and the JSON and the PNG are
 rewritten, so an interrupted run keeps everything measured so far. Each variant's final model is saved beside
-them as a checkpoint of its script (`python sa.py eval --ckpt ...` draws its masks).
+them as a checkpoint of its script (`python sa.py eval --ckpt ...` draws its masks). `--score-averages 0.99 0.999`
+also scores exponential moving averages of each Slot Attention run's weights (what `sa.py --ema-decay` keeps) at
+every evaluation: an average does not change training, so one run measures the trained weights and every decay
+(keys `fg_ari_ema<decay>` ...; dashed in the PNG; their own rows in the summary).
 """
 import argparse
 import json
@@ -63,6 +66,7 @@ class Run:
     scaler: torch.amp.GradScaler
     latents: tuple = ()         # SlotDiffusion: VAE latents of (train, val) and the VAE's hash
     ema: trainlib.EMA | None = None   # with --set ema_decay=...: the weights it is scored with
+    averages: list[trainlib.EMA] = field(default_factory=list)   # --score-averages: scored beside the weights
     then: slotdiff.SDConfig | None = None   # warm start: the SlotDiffusion this run becomes at warm_seconds
     warm_seconds: float = 0.0
     step: int = 0               # steps of the current model
@@ -158,8 +162,9 @@ def run_label(variant: str, data: str, seed: int, several_datasets: bool) -> str
 
 
 def make_run(name: str, variant: str, cfg: sa.SAConfig | slotdiff.SDConfig, device: torch.device, splits: dict,
-             latents: dict, encoder_weights: dict | None = None) -> Run:
-    """A fresh model for cfg (sa.py's or slotdiff.py's); a SlotDiffusion's encoder may start from given weights."""
+             latents: dict, encoder_weights: dict | None = None, average_decays: tuple[float, ...] = ()) -> Run:
+    """A fresh model for cfg (sa.py's or slotdiff.py's); a SlotDiffusion's encoder may start from given weights; a
+    Slot Attention run keeps an average of its weights for each of average_decays."""
     torch.manual_seed(cfg.seed)
     train_set, val_set = splits[split_key(cfg)]
     cfg = replace(cfg, encoder=sa.with_slots_for(train_set, cfg.encoder))
@@ -182,8 +187,9 @@ def make_run(name: str, variant: str, cfg: sa.SAConfig | slotdiff.SDConfig, devi
             model.encoder.load_state_dict(encoder_weights)
         opt = slotdiff.make_optimizer(model, cfg)
     step_model = trainlib.training_view(model, device, cfg.amp, cfg.compile)
+    averages = [trainlib.EMA(model, decay) for decay in average_decays] if isinstance(cfg, sa.SAConfig) else []
     return Run(name, variant, cfg, model, step_model, opt, trainlib.make_grad_scaler(device, cfg.amp), run_latents,
-               trainlib.make_ema(model, cfg.ema_decay))
+               trainlib.make_ema(model, cfg.ema_decay), averages)
 
 
 def train_for(run: Run, seconds: float, budget: float, scenes: Scenes, device: torch.device,
@@ -200,6 +206,8 @@ def train_for(run: Run, seconds: float, budget: float, scenes: Scenes, device: t
             images, _ = get_batch(scenes, run.step, run.cfg.batch_size, run.cfg.seed, device)
             sa.train_step(run.step_model, run.model, run.opt, run.scaler, images, run.step, run.cfg, progress,
                           ema=run.ema)
+            for average in run.averages:   # counted in the training time, as --ema-decay's update is
+                average.update(run.model)
         else:
             images, latents = slotdiff.batch_with_latents(scenes, run.latents[0], run.step, run.cfg, device)
             slotdiff.train_step(run.step_model, run.model, run.opt, run.scaler, images, latents, run.step, run.cfg,
@@ -224,11 +232,20 @@ def evaluate(run: Run, val_set: Scenes, device: torch.device, limit: int) -> dic
 
 def record_scores(run: Run, val_set: Scenes, device: torch.device, args: argparse.Namespace) -> None:
     scores = evaluate(run, val_set, device, args.val_images)
+    for average in run.averages:
+        averaged = sa.evaluate_masks(average.model, val_set, run.cfg, device, limit=args.val_images)
+        scores.update({f"{key}{average_suffix(average.decay)}": value for key, value in averaged.items()})
     run.curve.append(dict(minutes=run.seconds / 60, step=run.earlier_steps + run.step,
                           model="sa" if isinstance(run.cfg, sa.SAConfig) else "slotdiff", **scores))
+    of_averages = "".join(f"  EMA {a.decay:g}: {scores['fg_ari' + average_suffix(a.decay)]:.3f}" for a in run.averages)
     print(f"{run.name:28s} {run.seconds / 60:5.1f} min  step {run.earlier_steps + run.step:6d}  FG-ARI "
-          f"{scores['fg_ari']:.3f}  ARI {scores['ari']:.3f}  mBO {scores['mbo']:.3f}  loss {scores['val_loss']:.4f}",
-          flush=True)
+          f"{scores['fg_ari']:.3f}  ARI {scores['ari']:.3f}  mBO {scores['mbo']:.3f}  loss {scores['val_loss']:.4f}"
+          f"{of_averages}", flush=True)
+
+
+def average_suffix(decay: float) -> str:
+    """The ending of an average's keys in a curve point: fg_ari_ema0.99 is the FG-ARI of the 0.99 average."""
+    return f"_ema{decay:g}"
 
 
 def save_final(run: Run, out: Path) -> None:
@@ -263,7 +280,7 @@ def write_results(runs: list[Run], args: argparse.Namespace, path: Path) -> None
                   variants={r.name: dict(variant=r.variant, data=r.cfg.data, config=sa.asdict(r.cfg),
                                         steps=r.earlier_steps + r.step, seconds=r.seconds, curve=r.curve)
                             for r in runs},
-                  summary=suite_summary(runs))
+                  score_averages=args.score_averages, summary=suite_summary(runs))
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, path)
@@ -271,16 +288,20 @@ def write_results(runs: list[Run], args: argparse.Namespace, path: Path) -> None
 
 
 def suite_summary(runs: list[Run]) -> dict:
-    """Per variant (and seed): each dataset's final and peak FG-ARI so far, the worst dataset's final, and the
-    largest fall from a peak, the numbers a preset is chosen on."""
+    """Per variant (and seed; and each --score-averages average as one more): each dataset's final and peak FG-ARI
+    so far, the worst dataset's final, and the largest fall from a peak, the numbers a preset is chosen on."""
     summary = {}
     for r in runs:
         if not r.curve:
             continue
-        peak = max(r.curve, key=lambda p: p["fg_ari"])
-        entry = summary.setdefault(run_label(r.variant, r.cfg.data, r.cfg.seed, False), dict(datasets={}))
-        entry["datasets"][Path(r.cfg.data).name] = dict(final=r.curve[-1]["fg_ari"], minutes=r.curve[-1]["minutes"],
-                                                       peak=peak["fg_ari"], peak_minutes=peak["minutes"])
+        label = run_label(r.variant, r.cfg.data, r.cfg.seed, False)
+        scored = [(label, "fg_ari")] + [(f"{label} + EMA {a.decay:g}", "fg_ari" + average_suffix(a.decay))
+                                        for a in r.averages]
+        for name, key in scored:
+            peak = max(r.curve, key=lambda p: p[key])
+            entry = summary.setdefault(name, dict(datasets={}))
+            entry["datasets"][Path(r.cfg.data).name] = dict(final=r.curve[-1][key], minutes=r.curve[-1]["minutes"],
+                                                           peak=peak[key], peak_minutes=peak["minutes"])
     for entry in summary.values():
         scores = entry["datasets"]
         worst = min(scores, key=lambda d: scores[d]["final"])
@@ -311,6 +332,10 @@ def plot(result: dict, png: Path) -> None:
             label = variant.get("variant", name) if len(panels) > 1 else name
             ax.plot([p["minutes"] for p in curve], [p["fg_ari"] for p in curve], lw=1.2, color=color,
                     label=f"{label} ({variant['steps']} steps)")
+            for decay, style in zip(result.get("score_averages", []), ("--", ":", "-.")):
+                key = "fg_ari" + average_suffix(decay)
+                ax.plot([p["minutes"] for p in curve if key in p], [p[key] for p in curve if key in p], ls=style,
+                        lw=1, color=color, label=f"{label}, EMA {decay:g}")
             for model, marker in (("sa", "o"), ("slotdiff", "^")):
                 points = [p for p in curve if p.get("model", "sa") == model]
                 ax.plot([p["minutes"] for p in points], [p["fg_ari"] for p in points], ls="", marker=marker, ms=4,
@@ -362,13 +387,19 @@ def main() -> None:
     p.add_argument("--eval-minutes", type=float, default=1.0, help="evaluate every this many training minutes")
     p.add_argument("--slice", type=float, default=20.0, help="seconds each variant trains before the next one")
     p.add_argument("--val-images", type=int, default=256)
-    p.add_argument("--set", nargs="*", default=[], help="key=value overrides applied to every variant")
+    p.add_argument("--set", nargs="*", action="extend", default=[],
+                   help="key=value overrides applied to every variant (a second --set adds to the first)")
+    p.add_argument("--score-averages", type=float, nargs="*", default=[], metavar="DECAY",
+                   help="Slot Attention: also score an EMA of each run's weights with each decay (e.g. 0.99 0.999)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/learning-<data>.json)")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
     try:
         if args.minutes <= 0 or args.eval_minutes <= 0 or args.slice <= 0 or args.val_images < 1:
             raise InputError("--minutes, --eval-minutes, --slice and --val-images must be positive")
+        for decay in args.score_averages:
+            if not 0 < decay < 1:
+                raise InputError(f"--score-averages {decay:g}: a decay is in (0, 1), e.g. 0.999")
         device = trainlib.pick_device(args.device)
         torch._dynamo.config.cache_size_limit = 64  # one compiled graph per variant in this process
         names = datasets(args.data)
@@ -386,7 +417,7 @@ def main() -> None:
                                load_split(cfg.data, "val", cfg.encoder.resolution, cfg.num_val))
         runs = []
         for label, name, cfg, then, warm_seconds in configs:
-            run = make_run(label, name, cfg, device, splits, latents)
+            run = make_run(label, name, cfg, device, splits, latents, average_decays=tuple(args.score_averages))
             runs.append(replace(run, then=then, warm_seconds=warm_seconds, next_eval=args.eval_minutes * 60))
         stem = "suite" if len(names) > 1 else Path(names[0]).name
         out = Path(args.out or Path(__file__).parent / "results" / f"learning-{stem}.json")
