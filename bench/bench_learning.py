@@ -217,9 +217,10 @@ def train_for(run: Run, seconds: float, budget: float, scenes: Scenes, device: t
 
 
 def continue_as_slotdiff(run: Run, device: torch.device, splits: dict, latents: dict) -> Run:
-    """The end of a warm start's Slot Attention phase: a SlotDiffusion whose encoder is the trained one."""
+    """The end of a warm start's Slot Attention phase: a SlotDiffusion whose encoder is the trained one (its average
+    when it keeps one, as slotdiff.py --encoder-from takes it)."""
     new = make_run(run.name, run.variant, run.then, device, splits, latents,
-                   encoder_weights=run.model.encoder.state_dict())
+                   encoder_weights=trainlib.scored_model(run.model, run.ema).encoder.state_dict())
     return replace(new, earlier_steps=run.step, seconds=run.seconds, next_eval=run.next_eval, curve=run.curve)
 
 

@@ -78,21 +78,21 @@ def test_a_suite_trains_each_variant_on_each_dataset_and_names_the_worst(tmp_pat
 
 def test_a_scored_average_is_the_one_sa_ema_decay_keeps(tmp_path):
     # learned slot queries draw no random numbers, so both variants take the same steps: the 0.9 average scored
-    # beside the trained weights of `cpu` must score what the `ema` variant, which keeps it as sa.py does, scores
-    run = bench(tmp_path, "--data", "synthetic-dsprites", "synthetic-occluded", "--variants", "cpu",
+    # beside the trained weights of `plain` must score what the `ema` variant, which keeps it as sa.py does, scores
+    run = bench(tmp_path, "--data", "synthetic-dsprites", "synthetic-occluded", "--variants", "plain: ema_decay=0",
                 "ema: ema_decay=0.9", "--score-averages", "0.9", "--minutes", "5", "--eval-minutes", "5",
                 "--set", "steps=6")   # added to TINY's --set
     assert run.returncode == 0, run.stderr
     result = json.loads((tmp_path / "curves.json").read_text())
     for data in result["data"]:
-        plain, kept = (result["variants"][f"{v} on {data}"]["curve"][-1] for v in ("cpu", "ema"))
+        plain, kept = (result["variants"][f"{v} on {data}"]["curve"][-1] for v in ("plain", "ema"))
         assert plain["step"] == kept["step"] == 6
         assert plain["fg_ari_ema0.9"] == kept["fg_ari"] and plain["val_loss_ema0.9"] == kept["val_loss"]
-        assert plain["val_loss_ema0.9"] != plain["val_loss"]   # an average, not the weights scored twice
-    averaged = result["summary"]["cpu + EMA 0.9"]["datasets"]
+        assert plain["val_loss_ema0.9"] != plain["val_loss"]   # an average, not the trained weights scored twice
+    averaged = result["summary"]["plain + EMA 0.9"]["datasets"]
     assert {d: s["final"] for d, s in averaged.items()} == {d: s["final"] for d, s in
                                                             result["summary"]["ema"]["datasets"].items()}
-    assert "| cpu + EMA 0.9 |" in run.stdout
+    assert "| plain + EMA 0.9 |" in run.stdout
 
 
 def test_suite_expands_to_every_embedded_family():
