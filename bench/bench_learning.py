@@ -22,6 +22,7 @@ every evaluation: an average does not change training, so one run measures the t
 (keys `fg_ari_ema<decay>` ...; dashed in the PNG; their own rows in the summary).
 """
 import argparse
+import itertools
 import json
 import os
 import shlex
@@ -204,10 +205,11 @@ def train_for(run: Run, seconds: float, budget: float, scenes: Scenes, device: t
                                             run.seconds / (run.warm_seconds if run.then else budget))
         if isinstance(run.cfg, sa.SAConfig):
             images, _ = get_batch(scenes, run.step, run.cfg.batch_size, run.cfg.seed, device)
-            sa.train_step(run.step_model, run.model, run.opt, run.scaler, images, run.step, run.cfg, progress,
-                          ema=run.ema)
-            for average in run.averages:   # counted in the training time, as --ema-decay's update is
-                average.update(run.model)
+            _, problem = sa.train_step(run.step_model, run.model, run.opt, run.scaler, images, run.step, run.cfg,
+                                       progress, ema=run.ema)
+            if problem is None:   # as train_step updates --ema-decay's average: after an applied step, timed
+                for average in run.averages:
+                    average.update(run.model)
         else:
             images, latents = slotdiff.batch_with_latents(scenes, run.latents[0], run.step, run.cfg, device)
             slotdiff.train_step(run.step_model, run.model, run.opt, run.scaler, images, latents, run.step, run.cfg,
@@ -333,7 +335,7 @@ def plot(result: dict, png: Path) -> None:
             label = variant.get("variant", name) if len(panels) > 1 else name
             ax.plot([p["minutes"] for p in curve], [p["fg_ari"] for p in curve], lw=1.2, color=color,
                     label=f"{label} ({variant['steps']} steps)")
-            for decay, style in zip(result.get("score_averages", []), ("--", ":", "-.")):
+            for decay, style in zip(result.get("score_averages", []), itertools.cycle(("--", ":", "-."))):
                 key = "fg_ari" + average_suffix(decay)
                 ax.plot([p["minutes"] for p in curve if key in p], [p[key] for p in curve if key in p], ls=style,
                         lw=1, color=color, label=f"{label}, EMA {decay:g}")
