@@ -64,13 +64,12 @@ class EncoderConfig:
 FRAME_DIM = 4          # a slot's frame: centre (x, y) and spread (sx, sy) in image coordinates [-1, 1]
 MIN_FRAME_SCALE = 1e-3   # a frame never shrinks below this (ISA's bound): the decoder divides by it
 
-BROADCAST_SIZE = 8   # the decoder tiles each slot on an 8x8 grid and upsamples it by stride-2 steps (the paper's)
-
-
 @dataclass
 class DecoderConfig:
     """The Spatial Broadcast Decoder (it reads the slot size and resolution from the encoder's config)."""
     dec_channels: int = 64
+    broadcast: int = 8             # each slot is tiled on a broadcast x broadcast grid, then upsampled by stride-2
+                                   # steps to the resolution (the paper's 8: two steps to 32 px, four to 128)
     full_res_kernel: int = 5       # kernel of the stride-1 conv at full resolution (paper: 5); at 5 it is half
                                    # of the cpu preset's FLOPs a step, 3 cuts the step's FLOPs by a third
 
@@ -147,15 +146,15 @@ def validate(cfg: SAConfig) -> None:
     """Every setting checked before any work, each problem as one line naming the flag."""
     check_source(cfg.data)
     validate_encoder(cfg.encoder)
-    cli.check_ranges(cfg, positive=("dec_channels", "batch_size", "lr", "decay_every", "decay_rate", "steps",
-                                    "log_every", "eval_every", "eval_images", "ckpt_every", "num_train", "num_gen"),
+    cli.check_ranges(cfg, positive=("dec_channels", "broadcast", "batch_size", "lr", "decay_every", "decay_rate",
+                                    "steps", "log_every", "eval_every", "eval_images", "ckpt_every", "num_train", "num_gen"),
                      non_negative=("warmup", "grad_clip", "ema_decay", "seed", "max_minutes", "eval_iters"),
                      choices=dict(comp_sample=("member", "gaussian"), full_res_kernel=(1, 3, 5, 7)),
                      shares=("cooldown",))
-    ratio = cfg.encoder.resolution / BROADCAST_SIZE
+    ratio = cfg.encoder.resolution / cfg.decoder.broadcast
     if ratio < 1 or ratio != 2 ** round(math.log2(ratio)):
-        raise InputError(f"--resolution {cfg.encoder.resolution} is not {BROADCAST_SIZE} times a power of 2, so the "
-                         f"decoder's stride-2 steps cannot reach it; use e.g. 32, 64 or 128")
+        raise InputError(f"--resolution {cfg.encoder.resolution} is not --broadcast {cfg.decoder.broadcast} times a "
+                         f"power of 2, so the decoder's stride-2 steps cannot reach it; use e.g. 32, 64 or 128")
     if cfg.decay_rate > 1:
         raise InputError(f"--decay-rate {cfg.decay_rate}: the learning rate is multiplied by it every "
                          f"--decay-every steps, so it must be in (0, 1] (paper: 0.5)")
@@ -345,14 +344,14 @@ class SpatialBroadcastDecoder(nn.Module):
     def __init__(self, cfg: DecoderConfig, slot_dim: int, resolution: int, slot_frame: bool = False):
         super().__init__()
         c, d = cfg.dec_channels, slot_dim
-        self.size, self.slot_dim, self.slot_frame = BROADCAST_SIZE, slot_dim, slot_frame
+        self.size, self.slot_dim, self.slot_frame = cfg.broadcast, slot_dim, slot_frame
         if slot_frame:
             self.frame_proj = nn.Linear(2, d)
             self.register_buffer("grid", frame_grid(self.size, self.size), persistent=False)
         else:
             self.pos = SoftPositionEmbed(d, self.size)
         layers, channels = [], d
-        for _ in range(round(math.log2(resolution // self.size))):   # 8 -> 16 -> ... -> resolution
+        for _ in range(round(math.log2(resolution // self.size))):   # broadcast -> 2x -> ... -> resolution
             layers += [nn.ConvTranspose2d(channels, c, 5, stride=2, padding=2, output_padding=1), nn.ReLU()]
             channels = c
         k = cfg.full_res_kernel

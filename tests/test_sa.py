@@ -208,7 +208,7 @@ def test_slot_frame_decoder_draws_a_moved_slot_moved():
     slot = sa.example_slots(cfg.encoder, 1, slots=1)
     slot[..., 16:] = torch.tensor([-0.2, 0.1, 0.3, 0.3])
     moved = slot.clone()
-    moved[..., 16] += 2 / (sa.BROADCAST_SIZE - 1)      # one cell of the 8x8 broadcast grid in [-1, 1]
+    moved[..., 16] += 2 / (cfg.decoder.broadcast - 1)   # one cell of the 8x8 broadcast grid in [-1, 1]
     with torch.no_grad():
         rgb, rgb_moved = decoder(slot)[2][0, 0], decoder(moved)[2][0, 0]
     torch.testing.assert_close(rgb_moved[:, :, 16:22], rgb[:, :, 12:18], atol=1e-5, rtol=1e-5)
