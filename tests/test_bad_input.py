@@ -284,6 +284,8 @@ def test_an_environment_that_cannot_compute_fid_is_refused_before_training(tmp_p
     (["--slots", "-1"], "--slots -1"),
     (["--data", "/no/such/dataset"], "/no/such/dataset"),
     (["--resolution", "48"], "--resolution 48"),
+    (["--broadcast", "12"], "--broadcast 12"),
+    (["--broadcast", "0"], "--broadcast"),
     (["--full-res-kernel", "4"], "--full-res-kernel 4"),
     (["eval"], "--ckpt"),
     (["eval", "--ckpt", "/no/such/ckpt.pt"], "/no/such/ckpt.pt"),

@@ -21,11 +21,14 @@ def tiny_cfg(**kw) -> sa.SAConfig:
     return cli.make_config(sa.SAConfig, TINY, kw)
 
 
-@pytest.mark.parametrize("full_res_kernel, slot_frame", [(5, False), (3, False), (3, True)])
-def test_shapes_through_every_stage(full_res_kernel, slot_frame):
-    cfg = tiny_cfg(full_res_kernel=full_res_kernel, slot_frame=slot_frame)
+@pytest.mark.parametrize("full_res_kernel, slot_frame, broadcast", [(5, False, 8), (3, False, 8), (3, True, 8),
+                                                                   (3, True, 16), (3, False, 32)])
+def test_shapes_through_every_stage(full_res_kernel, slot_frame, broadcast):
+    cfg = tiny_cfg(full_res_kernel=full_res_kernel, slot_frame=slot_frame, broadcast=broadcast)
     model = sa.SlotAutoencoder(cfg)
     assert model.decoder.cnn[-3].kernel_size == (full_res_kernel, full_res_kernel)
+    upsampling = [m for m in model.decoder.cnn if isinstance(m, torch.nn.ConvTranspose2d) and m.stride == (2, 2)]
+    assert len(upsampling) == round(math.log2(32 // broadcast))     # broadcast -> 2x -> ... -> 32 px
     images = torch.rand(2, 3, 32, 32)
     slots, attn = model.encoder(images)
     assert slots.shape == (2, 4, 16 + 4 * slot_frame) and cfg.encoder.out_dim == slots.shape[-1]
