@@ -54,14 +54,18 @@ class EncoderConfig:
     slot_frame: bool = False       # append each slot's position and size (the centre and spread of its attention)
                                    # and decode it in that frame: the decoder side of Invariant Slot Attention
                                    # (Biza et al. 2023), so a shape is one function wherever it lies
+    slot_moments: bool = False     # with slot_frame: also append the shape moments of each slot's attention in its
+                                   # frame, which hold the orientation and outline a centre and a spread cannot
 
     @property
     def out_dim(self) -> int:
-        """Width of each slot the encoder outputs: slot_dim, + 4 frame numbers (x, y, width, height) with slot_frame."""
-        return self.slot_dim + FRAME_DIM * self.slot_frame
+        """Width of each slot the encoder outputs: slot_dim, + 4 frame numbers (x, y, width, height) with slot_frame,
+        + 12 shape moments with slot_moments."""
+        return self.slot_dim + FRAME_DIM * self.slot_frame + MOMENT_DIM * self.slot_moments
 
 
 FRAME_DIM = 4          # a slot's frame: centre (x, y) and spread (sx, sy) in image coordinates [-1, 1]
+MOMENT_DIM = 12        # a slot's shape: the moments of degree 2, 3 and 4 of its attention in its frame
 MIN_FRAME_SCALE = 1e-3   # a frame never shrinks below this (ISA's bound): the decoder divides by it
 
 @dataclass
@@ -140,6 +144,8 @@ def validate_encoder(cfg: EncoderConfig) -> None:
                      non_negative=("slots",),
                      choices=dict(slot_init=("gaussian", "learned"), slot_grad=SLOT_GRADS,
                                   weight_init=("torch", "xavier")))
+    if cfg.slot_moments and not cfg.slot_frame:
+        raise InputError("--slot-moments 1 measures each slot's shape in its frame; add --slot-frame 1")
 
 
 def validate(cfg: SAConfig) -> None:
@@ -207,6 +213,22 @@ def attention_frame(attn: torch.Tensor, grid: torch.Tensor, eps: float = 1e-8) -
     centre = weights @ grid
     spread = (weights.unsqueeze(-1) * (grid - centre.unsqueeze(2)) ** 2).sum(dim=2).sqrt()
     return torch.cat([centre, spread.clamp(min=MIN_FRAME_SCALE)], dim=-1)
+
+
+def attention_moments(attn: torch.Tensor, grid: torch.Tensor, frame: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Each slot's shape moments (B, K, 12): the attention-weighted means of the 12 monomials of degree 2 to 4 in
+    the positions relative to its frame (B, K, 4). A square, a triangle and a heart have equal spreads on both
+    axes, so their frames say nothing of how they are turned; the odd moments tell a triangle's point from its
+    base, the 4th tell a square's corners from its sides. Positions pass through 2 tanh(r / 2) first (about r
+    near the object, at most 2 far from it), so the faint attention a slot spreads over the whole image cannot
+    outweigh the object in a 4th power."""
+    weights = (attn + eps) / (attn + eps).sum(dim=-1, keepdim=True)                      # (B, K, N)
+    relative = 2 * torch.tanh((grid - frame[..., None, :2]) / frame[..., None, 2:] / 2)  # (B, K, N, 2)
+    x, y = relative[..., 0], relative[..., 1]
+    monomials = torch.stack([x * x, x * y, y * y,
+                             x ** 3, x * x * y, x * y * y, y ** 3,
+                             x ** 4, x ** 3 * y, x * x * y * y, x * y ** 3, y ** 4], dim=-1)
+    return (weights.unsqueeze(-1) * monomials).sum(dim=2)
 
 
 def example_slots(cfg: EncoderConfig, batch: int, slots: int | None = None) -> torch.Tensor:
@@ -320,7 +342,7 @@ class SlotEncoder(nn.Module):
         self.mlp = nn.Sequential(nn.LayerNorm(c), nn.Linear(c, c), nn.ReLU(), nn.Linear(c, c))
         self.slot_attention = SlotAttention(cfg.slots, cfg.slot_dim, c, cfg.iters, cfg.slot_mlp_hidden, cfg.slot_init,
                                             cfg.slot_grad, eval_iters=eval_iters)
-        self.slot_frame = cfg.slot_frame
+        self.slot_frame, self.slot_moments = cfg.slot_frame, cfg.slot_moments
         if cfg.slot_frame:
             self.register_buffer("grid", frame_grid(cfg.resolution, cfg.resolution), persistent=False)
         if cfg.weight_init == "xavier":
@@ -332,7 +354,9 @@ class SlotEncoder(nn.Module):
         slots, attn = self.slot_attention(x)
         if self.slot_frame:
             with torch.autocast(images.device.type, enabled=False):   # fp32, as the attention it is measured on
-                slots = torch.cat([slots, attention_frame(attn.float(), self.grid)], dim=-1)
+                frame = attention_frame(attn.float(), self.grid)
+                shape = [attention_moments(attn.float(), self.grid, frame)] if self.slot_moments else []
+                slots = torch.cat([slots, frame, *shape], dim=-1)
         return slots, attn
 
 
@@ -341,10 +365,12 @@ class SpatialBroadcastDecoder(nn.Module):
     With slot_frame the grid's positions are relative to the slot's frame (its last 4 numbers) instead of the
     image: the decoder draws an object the same way wherever it is and whatever its size."""
 
-    def __init__(self, cfg: DecoderConfig, slot_dim: int, resolution: int, slot_frame: bool = False):
+    def __init__(self, cfg: DecoderConfig, slot_dim: int, resolution: int, slot_frame: bool = False,
+                 slot_moments: bool = False):
         super().__init__()
         c, d = cfg.dec_channels, slot_dim
         self.size, self.slot_dim, self.slot_frame = cfg.broadcast, slot_dim, slot_frame
+        self.moment_proj = nn.Linear(MOMENT_DIM, d) if slot_moments else None   # the shape, added to every cell
         if slot_frame:
             self.frame_proj = nn.Linear(2, d)
             self.register_buffer("grid", frame_grid(self.size, self.size), persistent=False)
@@ -363,9 +389,11 @@ class SpatialBroadcastDecoder(nn.Module):
         b, k, d = slots.shape[0], slots.shape[1], self.slot_dim
         if self.slot_frame:
             centre = slots[..., d:d + 2].unsqueeze(2)                                   # (B, K, 1, 2)
-            spread = slots[..., d + 2:].clamp(min=MIN_FRAME_SCALE).unsqueeze(2)          # composed: may be < 0
+            spread = slots[..., d + 2:d + 4].clamp(min=MIN_FRAME_SCALE).unsqueeze(2)     # composed: may be < 0
             relative = (self.grid - centre) / spread                                    # (B, K, S*S, 2)
             x = slots[..., :d].unsqueeze(2) + self.frame_proj(relative.to(slots.dtype))
+            if self.moment_proj is not None:
+                x = x + self.moment_proj(slots[..., d + FRAME_DIM:]).unsqueeze(2)
             x = x.reshape(b * k, self.size, self.size, d).permute(0, 3, 1, 2)
         else:
             x = self.pos(slots.reshape(b * k, d, 1, 1).expand(-1, -1, self.size, self.size))
@@ -381,7 +409,7 @@ class SlotAutoencoder(nn.Module):
         super().__init__()
         self.encoder = SlotEncoder(cfg.encoder, cfg.eval_iters)
         self.decoder = SpatialBroadcastDecoder(cfg.decoder, cfg.encoder.slot_dim, cfg.encoder.resolution,
-                                               cfg.encoder.slot_frame)
+                                               cfg.encoder.slot_frame, cfg.encoder.slot_moments)
         if cfg.encoder.weight_init == "xavier":   # one init scheme for the whole model
             xavier_init_(self.decoder)
 

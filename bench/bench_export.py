@@ -174,7 +174,7 @@ def bench_decoder(args: argparse.Namespace, device: torch.device, scratch: Path)
     slots_per_scene = cfg.encoder.slots or 7   # --slots 0 = from the data: 7 on synthetic-clevr
     torch.manual_seed(0)
     decoder = sa.SpatialBroadcastDecoder(cfg.decoder, cfg.encoder.slot_dim, cfg.encoder.resolution,
-                                         cfg.encoder.slot_frame).eval()
+                                         cfg.encoder.slot_frame, cfg.encoder.slot_moments).eval()
     batch = cfg.batch_size
     slots = sa.example_slots(cfg.encoder, batch, slots_per_scene)
     graph = export.Graph("decoder", export.conv_transpose_as_conv(decoder), lambda b: dict(slots=slots[:b]),

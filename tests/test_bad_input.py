@@ -286,6 +286,7 @@ def test_an_environment_that_cannot_compute_fid_is_refused_before_training(tmp_p
     (["--resolution", "48"], "--resolution 48"),
     (["--broadcast", "12"], "--broadcast 12"),
     (["--broadcast", "0"], "--broadcast"),
+    (["--slot-moments", "1"], "--slot-frame 1"),
     (["--full-res-kernel", "4"], "--full-res-kernel 4"),
     (["eval"], "--ckpt"),
     (["eval", "--ckpt", "/no/such/ckpt.pt"], "/no/such/ckpt.pt"),

@@ -31,7 +31,8 @@ def ckpts(tmp_path_factory):
     sa_cfg = cli.make_config(sa.SAConfig, encoder, dict(resolution=16, dec_channels=8))
     trainlib.save_checkpoint(dict(kind="sa", model=sa.SlotAutoencoder(sa_cfg).state_dict(), step=1,
                                   config=asdict(sa_cfg)), folder / "sa.pt")
-    framed_cfg = dataclasses.replace(sa_cfg, encoder=dataclasses.replace(sa_cfg.encoder, slot_frame=True))
+    framed_cfg = dataclasses.replace(sa_cfg, encoder=dataclasses.replace(sa_cfg.encoder, slot_frame=True,
+                                                                         slot_moments=True))
     trainlib.save_checkpoint(dict(kind="sa", model=sa.SlotAutoencoder(framed_cfg).state_dict(), step=1,
                                   config=asdict(framed_cfg)), folder / "sa_framed.pt")
     vae_cfg = cli.make_config(vae.TrainConfig, dict(ch=32, ch_mult=(1,), num_res_blocks=1, n_embed=16))
@@ -85,12 +86,12 @@ def test_sa_decoder_exports_and_matches_pytorch(ckpts, fmt):
         assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a symbolic, dynamic batch
 
 
-def test_sa_decoder_with_slot_frames_exports_and_matches_pytorch(ckpts):
+def test_sa_decoder_with_slot_frames_and_moments_exports_and_matches_pytorch(ckpts):
     path, diff = export.export_checkpoint(ckpts / "sa_framed.pt", "onnx")["decoder"]
     assert diff <= 1e-5
     cfg, model, _ = sa.load(ckpts / "sa_framed.pt")
     slots = sa.example_slots(cfg.encoder, 5)
-    assert slots.shape == (5, 3, 8 + 4)
+    assert slots.shape == (5, 3, 8 + 4 + 12)
     with torch.no_grad():
         expected = model.decoder(slots)
     for g, e in zip(export.run_exported(path, "onnx", dict(slots=slots)), expected):

@@ -9,8 +9,10 @@ import torch
 
 import cli
 import sa
+import scenegen
 import slotdiff
 import trainlib
+from errors import InputError
 
 TINY = dict(resolution=32, slots=4, slot_dim=16, slot_mlp_hidden=32, enc_channels=8, dec_channels=8,
             batch_size=4, warmup=2, steps=6, num_train=16, num_val=8, log_every=1, eval_every=3, eval_images=8,
@@ -221,6 +223,68 @@ def test_slot_frame_decoder_draws_a_moved_slot_moved():
     assert torch.isfinite(decoder(collapsed)[0]).all()
 
 
+def shape_attention(shape: str, angle: float, size: int = 32, half: float = 0.3) -> torch.Tensor:
+    """(1, 1, size * size) attention spread evenly over one of the generator's 2-D shapes, centred, turned by
+    angle, on the frame grid's pixels."""
+    x, y = sa.frame_grid(size, size).T.numpy()
+    u = (x * np.cos(angle) + y * np.sin(angle)) / half
+    v = (-x * np.sin(angle) + y * np.cos(angle)) / half
+    inside = torch.from_numpy(scenegen._inside(shape, u, v).astype(np.float32))
+    return (inside / inside.sum()).view(1, 1, -1)
+
+
+def moments_by_loops(attn: torch.Tensor, grid: torch.Tensor, frame: torch.Tensor, eps: float = 1e-8) -> list:
+    """The 12 moments of one slot written out pixel by pixel, in attention_moments' order."""
+    total = sum(float(a) + eps for a in attn)
+    out = [0.0] * 12
+    for a, (px, py) in zip(attn.tolist(), grid.tolist()):
+        x = 2 * math.tanh((px - float(frame[0])) / float(frame[2]) / 2)
+        y = 2 * math.tanh((py - float(frame[1])) / float(frame[3]) / 2)
+        terms = [x * x, x * y, y * y, x ** 3, x * x * y, x * y * y, y ** 3,
+                 x ** 4, x ** 3 * y, x * x * y * y, x * y ** 3, y ** 4]
+        for i, t in enumerate(terms):
+            out[i] += (a + eps) / total * t
+    return out
+
+
+def test_shape_moments_tell_how_a_shape_is_turned_where_its_frame_cannot():
+    """A triangle pointing up or down, and a square upright or turned 45 degrees, have the same frame (equal
+    spreads on both axes); their moments differ: the triangle's y^3 changes sign, the square's x^2 y^2 halves. A
+    centred square's odd moments vanish. And the vectorised moments equal a pixel-by-pixel reference."""
+    grid = sa.frame_grid(32, 32)
+
+    def frame_and_moments(shape, angle):
+        attn = shape_attention(shape, angle)
+        frame = sa.attention_frame(attn, grid)
+        return attn, frame, sa.attention_moments(attn, grid, frame)[0, 0]
+
+    up_attn, up_frame, up = frame_and_moments("triangle", 0.0)
+    _, down_frame, down = frame_and_moments("triangle", math.pi)
+    torch.testing.assert_close(up_frame[..., 2:], down_frame[..., 2:], atol=0.01, rtol=0.02)
+    assert abs(up_frame[0, 0, 2] / up_frame[0, 0, 3] - 1) < 0.1      # a frame cannot tell how it is turned
+    assert up[6] * down[6] < 0 and min(abs(up[6]), abs(down[6])) > 0.1   # y^3: the point above or below
+    _, upright_frame, upright = frame_and_moments("square", 0.0)
+    _, turned_frame, turned = frame_and_moments("square", math.pi / 4)
+    torch.testing.assert_close(upright_frame[..., 2:], turned_frame[..., 2:], atol=0.01, rtol=0.03)
+    assert abs(upright[[1, 3, 4, 5, 6, 8, 10]]).max() < 1e-3                 # symmetric: odd moments vanish
+    assert upright[9] - turned[9] > 0.2                 # x^2 y^2: the corners on the diagonals or on the axes
+    torch.testing.assert_close(up, torch.tensor(moments_by_loops(up_attn[0, 0], grid, up_frame[0, 0])),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_slot_moments_reach_the_decoder_and_need_frames():
+    cfg = tiny_cfg(slot_frame=True, slot_moments=True)
+    model = sa.SlotAutoencoder(cfg).eval()
+    slots, _ = model.encoder(torch.rand(2, 3, 32, 32))
+    assert slots.shape == (2, 4, 16 + 4 + 12) == (2, 4, cfg.encoder.out_dim)
+    other_shape = slots.clone()
+    other_shape[..., 20:] += 0.5                      # the same slot and frame, another shape
+    with torch.no_grad():
+        assert (model.decoder(slots)[1] - model.decoder(other_shape)[1]).abs().max() > 1e-3
+    with pytest.raises(InputError, match="--slot-frame 1"):
+        sa.validate(tiny_cfg(slot_frame=False, slot_moments=True))
+
+
 def test_slots_zero_means_most_objects_plus_one(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     scenes = sa.load_split("synthetic-clevr", "train", 32, 16)
@@ -284,10 +348,10 @@ def test_checkpoint_and_exact_resume_with_the_average_of_the_weights(tmp_path, m
     assert (tmp_path / "full" / "loss_curves.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("slot_frame", [False, True])
-def test_compositional_generation_shapes(tmp_path, monkeypatch, slot_frame):
+@pytest.mark.parametrize("slot_frame, slot_moments", [(False, False), (True, False), (True, True)])
+def test_compositional_generation_shapes(tmp_path, monkeypatch, slot_frame, slot_moments):
     monkeypatch.chdir(tmp_path)
-    cfg = tiny_cfg(slot_frame=slot_frame, comp_sample="gaussian")   # Gaussian: frames may come out negative
+    cfg = tiny_cfg(slot_frame=slot_frame, slot_moments=slot_moments, comp_sample="gaussian")   # Gaussian: frames may come out negative
     model = sa.SlotAutoencoder(cfg)
     train_set = sa.load_split("synthetic-clevr", "train", 32, 16)
     images = sa.compositional_generation(model, train_set, 10, cfg, torch.device("cpu"))
