@@ -320,11 +320,12 @@ def test_encoder_attention_sums_to_one_over_slots_and_gives_image_sized_masks():
     assert 0 <= masks.min() and masks.max() < 3
 
 
-def test_slot_frames_reach_the_unet_as_four_more_numbers_per_slot():
-    model = SlotDiffusion(tiny_joint_config(slot_frame=True))
+@pytest.mark.parametrize("slot_moments", [False, True])
+def test_slot_frames_and_moments_reach_the_unet_as_more_numbers_per_slot(slot_moments):
+    model = SlotDiffusion(tiny_joint_config(slot_frame=True, slot_moments=slot_moments))
     images = torch.rand(2, 3, 16, 16)
     slots, _ = model.encoder(images)
-    assert slots.shape == (2, 3, SLOT_DIM + 4)
+    assert slots.shape == (2, 3, SLOT_DIM + 4 + 12 * slot_moments)
     out = model(images, torch.randn(2, 3, 4, 4), torch.tensor([10, 500]), torch.randn(2, 3, 4, 4))
     assert torch.isfinite(out["loss"])
 
