@@ -206,23 +206,27 @@ def frame_grid(height: int, width: int) -> torch.Tensor:
     return position_grid(height, width)[0, ..., :2].reshape(-1, 2) * 2 - 1
 
 
-def attention_frame(attn: torch.Tensor, grid: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Each slot's frame (B, K, 4) from its attention (B, K, N) over the positions grid (N, 2): the attention-
+def attention_weights(attn: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Each slot's attention (B, K, N) normalised over the pixels (it is normalised over the slots): the weights
+    its frame and shape moments are averages under. eps keeps a slot that attends to nothing finite."""
+    return (attn + eps) / (attn + eps).sum(dim=-1, keepdim=True)
+
+
+def attention_frame(weights: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Each slot's frame (B, K, 4) from its attention weights (B, K, N) over the positions grid (N, 2): the
     weighted mean position and the weighted standard deviation around it, per axis."""
-    weights = (attn + eps) / (attn + eps).sum(dim=-1, keepdim=True)
     centre = weights @ grid
     spread = (weights.unsqueeze(-1) * (grid - centre.unsqueeze(2)) ** 2).sum(dim=2).sqrt()
     return torch.cat([centre, spread.clamp(min=MIN_FRAME_SCALE)], dim=-1)
 
 
-def attention_moments(attn: torch.Tensor, grid: torch.Tensor, frame: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Each slot's shape moments (B, K, 12): the attention-weighted means of the 12 monomials of degree 2 to 4 in
-    the positions relative to its frame (B, K, 4). A square, a triangle and a heart have equal spreads on both
-    axes, so their frames say nothing of how they are turned; the odd moments tell a triangle's point from its
-    base, the 4th tell a square's corners from its sides. Positions pass through 2 tanh(r / 2) first (about r
-    near the object, at most 2 far from it), so the faint attention a slot spreads over the whole image cannot
+def attention_moments(weights: torch.Tensor, grid: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
+    """Each slot's shape moments (B, K, 12): the means, under its attention weights (B, K, N), of the 12 monomials of
+    degree 2 to 4 in the positions relative to its frame (B, K, 4). A square, a triangle and a heart have equal
+    spreads on both axes, so their frames say nothing of how they are turned; the odd moments tell a triangle's point
+    from its base, the 4th tell a square's corners from its sides. Positions pass through 2 tanh(r / 2) first (about
+    r near the object, at most 2 far from it), so the faint attention a slot spreads over the whole image cannot
     outweigh the object in a 4th power."""
-    weights = (attn + eps) / (attn + eps).sum(dim=-1, keepdim=True)                      # (B, K, N)
     relative = 2 * torch.tanh((grid - frame[..., None, :2]) / frame[..., None, 2:] / 2)  # (B, K, N, 2)
     x, y = relative[..., 0], relative[..., 1]
     monomials = torch.stack([x * x, x * y, y * y,
@@ -354,8 +358,9 @@ class SlotEncoder(nn.Module):
         slots, attn = self.slot_attention(x)
         if self.slot_frame:
             with torch.autocast(images.device.type, enabled=False):   # fp32, as the attention it is measured on
-                frame = attention_frame(attn.float(), self.grid)
-                shape = [attention_moments(attn.float(), self.grid, frame)] if self.slot_moments else []
+                weights = attention_weights(attn.float())
+                frame = attention_frame(weights, self.grid)
+                shape = [attention_moments(weights, self.grid, frame)] if self.slot_moments else []
                 slots = torch.cat([slots, frame, *shape], dim=-1)
         return slots, attn
 

@@ -196,7 +196,7 @@ def test_attention_frame_is_the_attention_weighted_centre_and_spread():
     block = np.zeros((height, width), bool)
     block[1:4, 2:7] = True
     attn = torch.from_numpy(np.stack([block, ~block]).reshape(1, 2, -1).astype(np.float32))
-    frame = sa.attention_frame(attn, sa.frame_grid(height, width))
+    frame = sa.attention_frame(sa.attention_weights(attn), sa.frame_grid(height, width))
     xs, ys = np.meshgrid(np.linspace(-1, 1, width), np.linspace(-1, 1, height))
     for k, region in enumerate([block, ~block]):
         x, y = xs[region], ys[region]
@@ -255,8 +255,9 @@ def test_shape_moments_tell_how_a_shape_is_turned_where_its_frame_cannot():
 
     def frame_and_moments(shape, angle):
         attn = shape_attention(shape, angle)
-        frame = sa.attention_frame(attn, grid)
-        return attn, frame, sa.attention_moments(attn, grid, frame)[0, 0]
+        weights = sa.attention_weights(attn)
+        frame = sa.attention_frame(weights, grid)
+        return attn, frame, sa.attention_moments(weights, grid, frame)[0, 0]
 
     up_attn, up_frame, up = frame_and_moments("triangle", 0.0)
     _, down_frame, down = frame_and_moments("triangle", math.pi)
@@ -351,7 +352,8 @@ def test_checkpoint_and_exact_resume_with_the_average_of_the_weights(tmp_path, m
 @pytest.mark.parametrize("slot_frame, slot_moments", [(False, False), (True, False), (True, True)])
 def test_compositional_generation_shapes(tmp_path, monkeypatch, slot_frame, slot_moments):
     monkeypatch.chdir(tmp_path)
-    cfg = tiny_cfg(slot_frame=slot_frame, slot_moments=slot_moments, comp_sample="gaussian")   # Gaussian: frames may come out negative
+    # Gaussian sampling: composed frames may come out negative, which the decoder must survive
+    cfg = tiny_cfg(slot_frame=slot_frame, slot_moments=slot_moments, comp_sample="gaussian")
     model = sa.SlotAutoencoder(cfg)
     train_set = sa.load_split("synthetic-clevr", "train", 32, 16)
     images = sa.compositional_generation(model, train_set, 10, cfg, torch.device("cpu"))
