@@ -31,7 +31,7 @@ demo: $(STAMP)
 # decoder's. Then a small VQ-VAE (12000 steps or 20 minutes; trained once, cached), 17 minutes of SlotDiffusion,
 # and the evaluation with 1000-step DDPM + FID.
 demo-diffusion: $(STAMP)
-	$(PY) sa.py --preset cpu --weight-init torch --slot-frame 0 --ema-decay 0 --resume auto \
+	$(PY) sa.py --preset cpu --weight-init torch --slot-frame 0 --slot-moments 0 --ema-decay 0 --resume auto \
 		--out $(OUT)/sa-encoder
 	$(PY) slotdiff.py --preset cpu --max-minutes 17 --encoder-from $(OUT)/sa-encoder/ckpt.pt --resume auto \
 		--out $(OUT)/slotdiff
