@@ -126,7 +126,7 @@ PRESETS = {
                                       slot_init="learned", slot_grad="bo-qsa",   # BO-QSA: slots bind soonest
                                       weight_init="xavier",    # leaves the 2-D plateau; textured +0.36 at 8 min
                                       slot_frame=True,         # 2-D shapes bind at minute 2, not 5; +0.11 at 8 min
-                                      slot_moments=True),      # shapes drawn turned: 2-D families +0.06-0.12 at 20 min
+                                      slot_moments=True),      # 2-D +0.06-0.12 at 20 min; textured CLEVR -0.04/step
                 decoder=DecoderConfig(dec_channels=32,
                                       full_res_kernel=3),   # 1.3x the steps a minute on AVX2, no worse per step
                 batch_size=8,                       # with warm-up and decay stretched: +0.06 FG-ARI over batch 16
