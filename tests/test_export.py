@@ -33,8 +33,10 @@ def ckpts(tmp_path_factory):
                                   config=asdict(sa_cfg)), folder / "sa.pt")
     framed_cfg = dataclasses.replace(sa_cfg, encoder=dataclasses.replace(sa_cfg.encoder, slot_frame=True,
                                                                          slot_moments=True))
-    trainlib.save_checkpoint(dict(kind="sa", model=sa.SlotAutoencoder(framed_cfg).state_dict(), step=1,
-                                  config=asdict(framed_cfg)), folder / "sa_framed.pt")
+    framed = sa.SlotAutoencoder(framed_cfg)
+    torch.nn.init.normal_(framed.decoder.moment_proj.weight)   # as after training: the shape reaches the masks
+    trainlib.save_checkpoint(dict(kind="sa", model=framed.state_dict(), step=1, config=asdict(framed_cfg)),
+                             folder / "sa_framed.pt")
     vae_cfg = cli.make_config(vae.TrainConfig, dict(ch=32, ch_mult=(1,), num_res_blocks=1, n_embed=16))
     trainlib.save_checkpoint(dict(kind="vae", model=vae.VQVAE(vae_cfg.model).state_dict(), config=asdict(vae_cfg),
                                   step=1), folder / "vae.pt")

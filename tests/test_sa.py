@@ -273,15 +273,23 @@ def test_shape_moments_tell_how_a_shape_is_turned_where_its_frame_cannot():
                                atol=1e-5, rtol=1e-4)
 
 
-def test_slot_moments_reach_the_decoder_and_need_frames():
+def test_slot_moments_start_silent_then_reach_the_decoder_and_need_frames():
+    """The moment projection starts at zero, so a new model draws exactly as the frame-only one; one training step
+    gives it weight, and then a slot's shape changes its mask."""
     cfg = tiny_cfg(slot_frame=True, slot_moments=True)
-    model = sa.SlotAutoencoder(cfg).eval()
-    slots, _ = model.encoder(torch.rand(2, 3, 32, 32))
+    model = sa.SlotAutoencoder(cfg)
+    images = torch.rand(2, 3, 32, 32)
+    slots, _ = model.encoder(images)
     assert slots.shape == (2, 4, 16 + 4 + 12) == (2, 4, cfg.encoder.out_dim)
-    other_shape = slots.clone()
+    other_shape = slots.detach().clone()
     other_shape[..., 20:] += 0.5                      # the same slot and frame, another shape
     with torch.no_grad():
-        assert (model.decoder(slots)[1] - model.decoder(other_shape)[1]).abs().max() > 1e-3
+        assert torch.equal(model.decoder(slots)[1], model.decoder(other_shape)[1])
+    model(images)["loss"].backward()
+    assert model.decoder.moment_proj.weight.grad.abs().max() > 0
+    torch.optim.SGD(model.parameters(), lr=1.0).step()
+    with torch.no_grad():
+        assert not torch.equal(model.decoder(slots)[1], model.decoder(other_shape)[1])
     with pytest.raises(InputError, match="--slot-frame 1"):
         sa.validate(tiny_cfg(slot_frame=False, slot_moments=True))
 
