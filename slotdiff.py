@@ -125,8 +125,9 @@ PRESETS = {
     # a 2-core CPU; why each setting, with its measurement: docs/results.md, "Part 2: SlotDiffusion on 2 CPU cores"
     "cpu": dict(encoder=replace(sa.PRESETS["cpu"]["encoder"],   # sa.py's cpu encoder recipe, but PyTorch's init:
                                 weight_init="torch",    # Glorot-init encoders' attention maps missed the objects
-                                slot_frame=False,       # and no slot frames or their shape moments: Part 2
-                                slot_moments=False),    # as measured (docs/results.md)
+                                slot_frame=False,       # and no slot frames or their shape moments, and 32
+                                slot_moments=False,     # channels: Part 2 as measured (docs/results.md)
+                                enc_channels=32),
                 num_train=5_000, num_val=500,
                 latent_scale=0.0,                 # the small VAE's latents to unit std: -16% reconstruction MSE
                 compile=False,                    # 2 cores: the first compilation costs more steps than it wins back
