@@ -26,8 +26,7 @@ demo: $(STAMP)
 # with PyTorch's layer init, no slot frames and 32 encoder channels (20 minutes, kept in $(OUT)/sa-encoder): the
 # denoising loss alone does not bind slots to objects within CPU minutes, and the Glorot-init encoder of `make demo`
 # finds the objects with its decoder's masks while its attention maps, which SlotDiffusion is scored on, sit beside
-# them
-# (docs/results.md). Part 2 was measured without slot frames or a weight average, so it keeps neither. The
+# them (docs/results.md). Part 2 was measured without slot frames or a weight average, so it keeps neither. The
 # encoder's run is evaluated too: SlotDiffusion's evaluation prints its reconstruction FID beside this mixture
 # decoder's. Then a small VQ-VAE (12000 steps or 20 minutes; trained once, cached), 17 minutes of SlotDiffusion,
 # and the evaluation with 1000-step DDPM + FID.
